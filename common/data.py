@@ -1,0 +1,412 @@
+"""Offline datasets: D4RL names, Minari ids, local D4RL-format HDF5 files, and our own datasets.
+
+`load(env)` returns float32 `Transitions` and an `EnvSpec`. Accepted forms of `env`:
+
+1. A D4RL name (`hopper-medium-v2`, `antmaze-umaze-v0`, `pen-human-v1`, `kitchen-complete-v0`, ...).
+   The HDF5 file is read with h5py from `dataset_dir`, `$D4RL_DATASET_DIR` or `~/.d4rl/datasets`
+   under the file name D4RL itself uses; if it is absent it is downloaded from D4RL's URL. Nothing
+   here imports `d4rl`, `gym` or `mujoco_py`.
+2. A Minari dataset id (`mujoco/hopper/medium-v0`, `D4RL/antmaze/umaze-v1`, ...), through `minari`
+   (local cache first, then Minari's remote).
+3. A path to a local file in D4RL's HDF5 layout.
+4. `ours/<GymnasiumEnvId>/<split>` (e.g. `ours/Hopper-v5/medium`): a dataset this project generated
+   with `python -m common.make_dataset`, stored under `datasets/ours/`. These are *not* D4RL data:
+   other simulator versions, other policies. Their names say so on purpose.
+
+Transitions follow `d4rl.qlearning_dataset` semantics: `done` is the terminal flag only (a
+time-out is not a terminal), the transition that crosses a time-out is dropped (its next
+observation belongs to the next episode), the last row of the file is dropped, and the stored
+`next_observations` are used when the file has them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import h5py
+import numpy as np
+
+from common import scores
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OURS_DIR = REPO_ROOT / "datasets"  # holds ours/<EnvId>/<split>.hdf5
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+
+
+class Transitions(NamedTuple):
+    obs: np.ndarray  # (N, obs_dim) float32
+    action: np.ndarray  # (N, act_dim) float32, in [-1, 1]
+    reward: np.ndarray  # (N,) float32
+    next_obs: np.ndarray  # (N, obs_dim) float32
+    done: np.ndarray  # (N,) float32, 1.0 at true terminals only
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """What an algorithm needs to know about a dataset besides its transitions."""
+
+    name: str  # the name `load` was given
+    source: str  # "d4rl" | "minari" | "file" | "ours"
+    obs_dim: int
+    act_dim: int
+    max_episode_steps: int | None
+    eval_env_id: str | None = None  # gymnasium id of the evaluation env
+    eval_env_kwargs: dict = dataclasses.field(default_factory=dict)
+    obs_pad: int = 0  # zeros appended to env observations to match the dataset (D4RL ant)
+    minari_id: str | None = None  # evaluation env comes from the Minari dataset when set
+    ref_min_score: float | None = None
+    ref_max_score: float | None = None
+    eval_unsupported: str | None = None  # why no evaluation env can be built yet
+
+
+# --------------------------------------------------------------------------- D4RL registry
+_LOCOMOTION = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
+_LOCOMOTION_SPLITS = ["random", "medium", "medium-replay", "medium-expert", "expert", "full-replay"]
+_ANTMAZE = {
+    "umaze": "u-maze_noisy_multistart_False_multigoal_False",
+    "umaze-diverse": "u-maze_noisy_multistart_True_multigoal_True",
+    "medium-play": "big-maze_noisy_multistart_True_multigoal_False",
+    "medium-diverse": "big-maze_noisy_multistart_True_multigoal_True",
+    "large-play": "hardest-maze_noisy_multistart_True_multigoal_False",
+    "large-diverse": "hardest-maze_noisy_multistart_True_multigoal_True",
+}
+_ADROIT_STEPS = {"pen": 100, "door": 200, "hammer": 200, "relocate": 200}
+_KITCHEN = {
+    "complete": "mini_kitchen_microwave_kettle_light_slider-v0",
+    "partial": "kitchen_microwave_kettle_light_slider-v0",
+    "mixed": "kitchen_microwave_kettle_bottomburner_light-v0",
+}
+
+
+def _d4rl_registry() -> dict[str, tuple[str, int]]:
+    """D4RL dataset name -> (download URL, max episode steps), as in d4rl's env registrations."""
+    reg = {}
+    for task in _LOCOMOTION:
+        for split in _LOCOMOTION_SPLITS:
+            reg[f"{task}-{split}-v2"] = (f"{D4RL_URL}/gym_mujoco_v2/{task}_{split.replace('-', '_')}-v2.hdf5", 1000)
+    for split, stem in _ANTMAZE.items():
+        steps = 700 if split.startswith("umaze") else 1000
+        reg[f"antmaze-{split}-v0"] = (f"{D4RL_URL}/ant_maze_new/Ant_maze_{stem}_sparse.hdf5", steps)
+        reg[f"antmaze-{split}-v2"] = (f"{D4RL_URL}/ant_maze_v2/Ant_maze_{stem}_sparse_fixed.hdf5", steps)
+    for task, steps in _ADROIT_STEPS.items():
+        for split in ["human", "cloned", "expert"]:
+            reg[f"{task}-{split}-v1"] = (f"{D4RL_URL}/hand_dapg_v1/{task}-{split}-v1.hdf5", steps)
+    for split, stem in _KITCHEN.items():
+        reg[f"kitchen-{split}-v0"] = (f"{D4RL_URL}/kitchen/{stem}.hdf5", 280)
+    return reg
+
+
+D4RL_DATASETS = _d4rl_registry()
+
+
+def d4rl_spec_fields(name: str) -> dict:
+    """Evaluation-env fields of the EnvSpec for a D4RL dataset name."""
+    task = name.split("-")[0]
+    ref_min, ref_max = scores.d4rl_reference(name)
+    fields = dict(max_episode_steps=D4RL_DATASETS[name][1], ref_min_score=ref_min, ref_max_score=ref_max)
+    if task in _LOCOMOTION:
+        fields["eval_env_id"] = _LOCOMOTION[task]
+        if task == "ant":
+            # D4RL's ant observation is 111-D: 27 positions/velocities + 84 contact forces that were
+            # always zero under mujoco-py (D4RL issue 173). Ant-v5 without contact forces gives the 27;
+            # the zeros are appended.
+            fields["eval_env_kwargs"] = {"include_cfrc_ext_in_observation": False}
+            fields["obs_pad"] = 84
+    else:
+        fields["eval_unsupported"] = (
+            f"evaluation environments for the {task} domain are not built yet (AntMaze, Adroit and "
+            "Kitchen mappings to gymnasium-robotics are a separate piece of work); training on the "
+            "data works"
+        )
+    return fields
+
+
+# --------------------------------------------------------------------------- public API
+def load(env: str, dataset_dir: str | os.PathLike | None = None, download: bool = True) -> tuple[Transitions, EnvSpec]:
+    """Load a dataset by D4RL name, Minari id, `ours/...` name or HDF5 path. See the module docstring."""
+    path = Path(env).expanduser()
+    if env.endswith((".hdf5", ".h5")) or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file {path} does not exist")
+        return _load_file(path, name=str(env), source="file")
+    if env.startswith("ours/"):
+        return _load_ours(env, dataset_dir)
+    if env in D4RL_DATASETS:
+        url, _ = D4RL_DATASETS[env]
+        file = d4rl_dir(dataset_dir) / url.split("/")[-1]
+        if not file.is_file():
+            if not download:
+                raise FileNotFoundError(f"{env}: {file} is missing. Download it from {url} and place it there.")
+            download_file(url, file)
+        if env.startswith("antmaze") and env.endswith("-v0"):
+            warnings.warn(
+                f"{env}: AntMaze v0 files have time-outs out of sync with the real trajectory ends "
+                "(D4RL issue 77), so some transitions 'teleport'. Prefer the -v2 datasets.",
+                stacklevel=2,
+            )
+        return _load_file(file, name=env, source="d4rl", spec_fields=d4rl_spec_fields(env))
+    if "/" in env:
+        return _load_minari(env, download)
+    raise ValueError(_unknown_name_message(env))
+
+
+def d4rl_dir(dataset_dir: str | os.PathLike | None = None) -> Path:
+    """Where D4RL files are looked for: the argument, $D4RL_DATASET_DIR, or ~/.d4rl/datasets."""
+    if dataset_dir is not None:
+        return Path(dataset_dir).expanduser()
+    return Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
+
+
+def download_file(url: str, dest: Path) -> None:
+    """Download `url` to `dest` with a progress bar, atomically (temp file, then rename)."""
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"could not download {url} ({e}).\nOn a machine with internet, download that URL and place "
+            f"the file at {dest} (or set $D4RL_DATASET_DIR / --dataset-dir to the folder that holds it)."
+        ) from e
+    os.replace(tmp, dest)
+
+
+def write_d4rl_hdf5(path: str | os.PathLike, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    """Write `arrays` (keys like 'observations' or 'infos/qpos') and scalar `metadata/<key>` entries
+    to a gzip-compressed HDF5 file in D4RL's layout, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        for key, value in arrays.items():
+            value = np.asarray(value)
+            if value.dtype == np.float64:
+                value = value.astype(np.float32)
+            f.create_dataset(key, data=value, compression="gzip", shuffle=True)
+        for key, value in (metadata or {}).items():
+            f[f"metadata/{key}"] = value
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- loaders
+def _load_ours(env: str, dataset_dir) -> tuple[Transitions, EnvSpec]:
+    root = Path(dataset_dir).expanduser() if dataset_dir is not None else OURS_DIR
+    file = root / f"{env}.hdf5"
+    if not file.is_file():
+        available = sorted(str(p.relative_to(root))[: -len(".hdf5")] for p in root.glob("ours/*/*.hdf5"))
+        parts = env.split("/")
+        hint = f"python -m common.make_dataset --env {parts[1]}" if len(parts) == 3 else "python -m common.make_dataset --help"
+        raise FileNotFoundError(
+            f"{env}: {file} does not exist. Datasets we have: {available or 'none'}. Generate it with `{hint}`."
+        )
+    return _load_file(file, name=env, source="ours")
+
+
+def _read_metadata(f: h5py.File) -> dict:
+    meta = {}
+    if "metadata" in f and isinstance(f["metadata"], h5py.Group):
+        for key, item in f["metadata"].items():
+            if isinstance(item, h5py.Dataset) and item.shape == ():
+                value = item[()]
+                meta[key] = value.decode() if isinstance(value, bytes) else value
+    return meta
+
+
+def _load_file(path: Path, name: str, source: str, spec_fields: dict | None = None) -> tuple[Transitions, EnvSpec]:
+    with h5py.File(path, "r") as f:
+        missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
+        if missing:
+            raise KeyError(
+                f"{path} is not in D4RL's layout: missing {missing}; it has {sorted(f.keys())}. "
+                "A D4RL-format file needs 'observations' (N, obs_dim), 'actions' (N, act_dim), "
+                "'rewards' (N,), 'terminals' (N,) and, optionally, 'timeouts' (N,) and 'next_observations'."
+            )
+        raw = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations") if k in f}
+        meta = _read_metadata(f)
+
+    fields = dict(spec_fields or {})
+    if "env_id" in meta:  # files written by common.make_dataset (or annotated by a user)
+        fields.setdefault("eval_env_id", str(meta["env_id"]))
+        fields.setdefault("eval_env_kwargs", json.loads(str(meta.get("env_kwargs", "{}"))))
+    for key in ("max_episode_steps", "ref_min_score", "ref_max_score"):
+        if key in meta:
+            fields.setdefault(key, meta[key].item() if hasattr(meta[key], "item") else meta[key])
+    if source == "file" and path.stem in {u.split("/")[-1][: -len(".hdf5")] for u, _ in D4RL_DATASETS.values()}:
+        d4rl_name = next(n for n, (u, _) in D4RL_DATASETS.items() if u.endswith("/" + path.name))
+        for key, value in d4rl_spec_fields(d4rl_name).items():
+            fields.setdefault(key, value)
+
+    transitions = qlearning_transitions(raw, fields.get("max_episode_steps"), name=str(path))
+    spec = EnvSpec(
+        name=name,
+        source=source,
+        obs_dim=transitions.obs.shape[1],
+        act_dim=transitions.action.shape[1],
+        **{"max_episode_steps": None, **fields},
+    )
+    if spec.eval_env_id is None and spec.eval_unsupported is None:
+        spec = dataclasses.replace(
+            spec,
+            eval_unsupported=(
+                f"{path} does not say which environment it came from. Add a scalar string dataset "
+                "'metadata/env_id' with a gymnasium id (e.g. h5py: f['metadata/env_id'] = 'Hopper-v5'), "
+                "or name the file as D4RL does (e.g. hopper_medium-v2.hdf5)"
+            ),
+        )
+    return transitions, spec
+
+
+def qlearning_transitions(raw: dict[str, np.ndarray], max_episode_steps: int | None, name: str = "dataset") -> Transitions:
+    """D4RL arrays -> transitions with d4rl.qlearning_dataset semantics (terminate_on_end=False)."""
+    obs = np.asarray(raw["observations"])
+    actions = np.asarray(raw["actions"])
+    rewards = np.asarray(raw["rewards"])
+    terminals = np.asarray(raw["terminals"])
+    rewards = rewards.reshape(-1) if rewards.ndim == 2 and rewards.shape[1] == 1 else rewards
+    terminals = terminals.reshape(-1) if terminals.ndim == 2 and terminals.shape[1] == 1 else terminals
+    n = obs.shape[0]
+    if obs.ndim != 2 or actions.ndim != 2:
+        raise ValueError(f"{name}: observations and actions must be 2-D, got {obs.shape} and {actions.shape}")
+    for key in ("actions", "rewards", "terminals", "timeouts", "next_observations"):
+        if key in raw and len(raw[key]) != n:
+            raise ValueError(f"{name}: '{key}' has {len(raw[key])} rows but 'observations' has {n}; the arrays must align")
+    if rewards.ndim != 1 or terminals.ndim != 1:
+        raise ValueError(f"{name}: rewards and terminals must be (N,), got {rewards.shape} and {terminals.shape}")
+    if "next_observations" in raw and raw["next_observations"].shape != obs.shape:
+        raise ValueError(f"{name}: next_observations {raw['next_observations'].shape} != observations {obs.shape}")
+    if n < 2:
+        raise ValueError(f"{name}: needs at least 2 rows, has {n}")
+
+    terminals = terminals.astype(bool)
+    if "timeouts" in raw:
+        timeouts = np.asarray(raw["timeouts"]).reshape(n).astype(bool)
+    elif max_episode_steps is not None:
+        timeouts = _inferred_timeouts(terminals, max_episode_steps)
+    else:
+        timeouts = np.zeros(n, dtype=bool)
+    next_obs = np.asarray(raw["next_observations"]) if "next_observations" in raw else np.concatenate([obs[1:], obs[-1:]])
+
+    keep = ~timeouts
+    keep[-1] = False  # d4rl iterates range(N - 1)
+    out = Transitions(
+        obs=obs[keep].astype(np.float32),
+        action=actions[keep].astype(np.float32),
+        reward=rewards[keep].astype(np.float32),
+        next_obs=next_obs[keep].astype(np.float32),
+        done=terminals[keep].astype(np.float32),
+    )
+    validate(out, name)
+    return out
+
+
+def _inferred_timeouts(terminals: np.ndarray, max_episode_steps: int) -> np.ndarray:
+    """d4rl without a 'timeouts' key: an episode times out at step max_episode_steps - 1,
+    counting from the start of the file or from the row after a terminal or time-out."""
+    n = terminals.shape[0]
+    starts = np.zeros(n, dtype=bool)
+    starts[0] = True
+    starts[1:] = terminals[:-1]
+    last_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    step = (np.arange(n) - last_start) % max_episode_steps
+    return (step == max_episode_steps - 1) & ~terminals
+
+
+def validate(t: Transitions, name: str = "dataset") -> None:
+    """Raise a clear error on non-finite values or actions outside [-1, 1]."""
+    for field in ("obs", "action", "reward", "next_obs"):
+        arr = getattr(t, field)
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            rows = np.nonzero(bad.reshape(arr.shape[0], -1).any(axis=1))[0]
+            raise ValueError(
+                f"{name}: {field} has {bad.sum()} NaN/inf values in {rows.size} rows (first row {rows[0]}); "
+                "clean or drop those rows before training"
+            )
+    worst = float(np.abs(t.action).max()) if t.action.size else 0.0
+    if worst > 1.0 + 1e-5:
+        raise ValueError(
+            f"{name}: actions must lie in [-1, 1] (the policies here squash with tanh), but max |a| = {worst:.4g}. "
+            "Rescale them to [-1, 1] with the environment's bounds: a' = 2 (a - low) / (high - low) - 1."
+        )
+
+
+def _load_minari(dataset_id: str, download: bool) -> tuple[Transitions, EnvSpec]:
+    import minari
+
+    try:
+        dataset = minari.load_dataset(dataset_id, download=False)
+    except FileNotFoundError:
+        if not download:
+            raise
+        try:
+            dataset = minari.load_dataset(dataset_id, download=True)
+        except Exception as e:  # minari raises several types when the hub is unreachable
+            local = list(minari.list_local_datasets())
+            close = difflib.get_close_matches(dataset_id, local + list(D4RL_DATASETS), n=5)
+            raise RuntimeError(
+                f"Minari dataset {dataset_id!r} is not in the local cache "
+                f"({os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}) and could not be "
+                f"downloaded ({type(e).__name__}: {e}). On a machine with internet run "
+                f"`minari download {dataset_id}` and copy the folder over. Close names: {close or 'none'}."
+            ) from e
+    obs, next_obs, actions, rewards, dones = [], [], [], [], []
+    for episode in dataset.iterate_episodes():
+        if isinstance(episode.observations, dict):
+            raise NotImplementedError(
+                f"{dataset_id}: dictionary observations (goal-conditioned datasets such as AntMaze) are "
+                "not flattened yet; use the D4RL name of the dataset instead"
+            )
+        # Minari stores T+1 observations per episode, so every step, including one that was
+        # truncated, has its true next observation.
+        obs.append(episode.observations[:-1])
+        next_obs.append(episode.observations[1:])
+        actions.append(episode.actions)
+        rewards.append(episode.rewards)
+        dones.append(episode.terminations)
+    t = Transitions(
+        obs=np.concatenate(obs).astype(np.float32),
+        action=np.concatenate(actions).astype(np.float32),
+        reward=np.concatenate(rewards).astype(np.float32),
+        next_obs=np.concatenate(next_obs).astype(np.float32),
+        done=np.concatenate(dones).astype(np.float32),
+    )
+    validate(t, dataset_id)
+    meta = dataset.storage.metadata
+    env_spec = dataset.spec.env_spec
+    spec = EnvSpec(
+        name=dataset_id,
+        source="minari",
+        obs_dim=t.obs.shape[1],
+        act_dim=t.action.shape[1],
+        max_episode_steps=getattr(env_spec, "max_episode_steps", None),
+        minari_id=dataset_id,
+        ref_min_score=meta.get("ref_min_score"),
+        ref_max_score=meta.get("ref_max_score"),
+    )
+    return t, spec
+
+
+def _unknown_name_message(env: str) -> str:
+    ours = sorted(str(p.relative_to(OURS_DIR))[: -len(".hdf5")] for p in OURS_DIR.glob("ours/*/*.hdf5"))
+    close = difflib.get_close_matches(env, list(D4RL_DATASETS) + ours, n=5, cutoff=0.5)
+    return (
+        f"unknown dataset {env!r}. Did you mean: {', '.join(close) if close else '(no close match)'}?\n"
+        "Accepted: a D4RL name (e.g. hopper-medium-v2), a Minari id with a slash (e.g. mujoco/hopper/medium-v0), "
+        f"a path to a D4RL-format .hdf5 file, or one of this project's datasets: {', '.join(ours) or '(none generated)'}."
+    )
