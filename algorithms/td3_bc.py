@@ -273,7 +273,8 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
 @eqx.filter_jit
 def act(actors: Actor, obs: jax.Array, obs_mean: jax.Array, obs_std: jax.Array) -> jax.Array:
     """Deterministic actions of stacked actors (S,) for observations (S, E, obs_dim)."""
-    return eqx.filter_vmap(lambda actor, o: jax.vmap(actor)((o - obs_mean) / obs_std))(actors, obs)
+    normalized_actor = lambda actor, o: actor((o - obs_mean) / obs_std)
+    return eqx.filter_vmap(lambda actor, o: jax.vmap(normalized_actor, in_axes=(None, 0))(actor, o))(actors, obs)
 
 
 # ============================================================================ main

@@ -302,7 +302,7 @@ def qlearning_transitions(raw: dict[str, np.ndarray], max_episode_steps: int | N
         timeouts = np.zeros(n, dtype=bool)
     next_obs = np.asarray(raw["next_observations"]) if "next_observations" in raw else np.concatenate([obs[1:], obs[-1:]])
 
-    keep = ~timeouts
+    keep = ~timeouts  # a time-out row that is also a terminal is dropped too, as in d4rl
     keep[-1] = False  # d4rl iterates range(N - 1)
     out = Transitions(
         obs=obs[keep].astype(np.float32),
@@ -316,15 +316,16 @@ def qlearning_transitions(raw: dict[str, np.ndarray], max_episode_steps: int | N
 
 
 def _inferred_timeouts(terminals: np.ndarray, max_episode_steps: int) -> np.ndarray:
-    """d4rl without a 'timeouts' key: an episode times out at step max_episode_steps - 1,
-    counting from the start of the file or from the row after a terminal or time-out."""
-    n = terminals.shape[0]
-    starts = np.zeros(n, dtype=bool)
-    starts[0] = True
-    starts[1:] = terminals[:-1]
-    last_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
-    step = (np.arange(n) - last_start) % max_episode_steps
-    return (step == max_episode_steps - 1) & ~terminals
+    """d4rl's episode-step counter for files without 'timeouts', kept literally (quirks included:
+    after a terminal the counter restarts at 1, after a time-out at 0). Only old files need it."""
+    timeouts = np.zeros(terminals.shape[0], dtype=bool)
+    step = 0
+    for i, terminal in enumerate(terminals):
+        if step == max_episode_steps - 1:
+            timeouts[i], step = True, 0
+            continue
+        step = 1 if terminal else step + 1
+    return timeouts
 
 
 def validate(t: Transitions, name: str = "dataset") -> None:
@@ -386,6 +387,10 @@ def _load_minari(dataset_id: str, download: bool) -> tuple[Transitions, EnvSpec]
         next_obs=np.concatenate(next_obs).astype(np.float32),
         done=np.concatenate(dones).astype(np.float32),
     )
+    low, high = dataset.action_space.low, dataset.action_space.high
+    if not (np.all(low == -1.0) and np.all(high == 1.0)):
+        # the policies here act in [-1, 1]; evaluation rescales back with gymnasium's RescaleAction
+        t = t._replace(action=(2.0 * (t.action - low) / (high - low) - 1.0).astype(np.float32))
     validate(t, dataset_id)
     meta = dataset.storage.metadata
     env_spec = dataset.spec.env_spec

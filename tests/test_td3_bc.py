@@ -1,0 +1,158 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from algorithms import td3_bc
+from common import data
+from common import logging as runlog
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConstActor(eqx.Module):
+    a: jax.Array
+
+    def __call__(self, obs):
+        return self.a
+
+
+class SumCritic(eqx.Module):
+    """Q_1 = sum(s) + sum(a), Q_2 = sum(s) + 2 sum(a)."""
+
+    def __call__(self, obs, action):
+        return jnp.stack([obs.sum() + action.sum(), obs.sum() + 2 * action.sum()])
+
+
+BATCH = data.Transitions(
+    obs=jnp.array([[0.0], [1.0]]), action=jnp.array([[0.5], [-0.5]]), reward=jnp.array([1.0, 0.0]),
+    next_obs=jnp.array([[1.0], [2.0]]), done=jnp.array([0.0, 1.0]))
+
+
+def test_critic_loss_hand_computed():
+    args = td3_bc.Args(discount=0.5, policy_noise=0.0)
+    loss, _ = td3_bc.critic_loss(SumCritic(), BATCH, ConstActor(jnp.array([0.9])), SumCritic(), jax.random.PRNGKey(0), args)
+    # target: y = r + 0.5 (1 - d) min(s' + 0.9, s' + 1.8) = [1 + 0.5 * 1.9, 0] = [1.95, 0]
+    # Q1 = [0.5, 0.5], Q2 = [1.0, 0.0]
+    expected = ((0.5 - 1.95) ** 2 + 0.5**2) / 2 + ((1.0 - 1.95) ** 2 + 0.0) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-6)  # 1.6275
+
+
+def test_target_smoothing_noise_is_clipped():
+    args = td3_bc.Args(discount=1.0, policy_noise=100.0, noise_clip=0.5)
+    batch = BATCH._replace(done=jnp.zeros(2))
+    # target action 0.9 + noise in [-0.5, 0.5], then clipped to [-1, 1]: min-Q target in [s' + 0.4, s' + 1]
+    _, aux = td3_bc.critic_loss(SumCritic(), batch, ConstActor(jnp.array([0.9])), SumCritic(), jax.random.PRNGKey(3), args)
+    for k in range(5):
+        noise_key = jax.random.PRNGKey(k)
+        noise = jnp.clip(100.0 * jax.random.normal(noise_key, (2, 1)), -0.5, 0.5)
+        assert jnp.all(jnp.clip(0.9 + noise, -1, 1) <= 1.0)
+
+
+def test_actor_loss_and_gradient_hand_computed():
+    args = td3_bc.Args(alpha=2.5)
+    actor = ConstActor(jnp.array([0.2]))
+    (loss, aux), grad = eqx.filter_value_and_grad(td3_bc.actor_loss, has_aux=True)(actor, BATCH, SumCritic(), args)
+    # Q_1(s, pi) = s + 0.2 = [0.2, 1.2]; lambda = 2.5 / 0.7; -lambda * 0.7 = -2.5
+    # bc = mean((0.2 - [0.5, -0.5])^2) = (0.09 + 0.49) / 2 = 0.29
+    assert float(aux["lambda"]) == pytest.approx(2.5 / 0.7, rel=1e-6)
+    assert float(loss) == pytest.approx(-2.5 + 0.29, rel=1e-6)
+    # d/da: -lambda * 1 + 2 * mean(0.2 - a) = -2.5/0.7 + 0.4 (lambda carries no gradient)
+    assert float(grad.a[0]) == pytest.approx(-2.5 / 0.7 + 0.4, rel=1e-5)
+
+
+def test_polyak():
+    t = {"w": jnp.array([0.0, 10.0])}
+    o = {"w": jnp.array([1.0, 0.0])}
+    np.testing.assert_allclose(td3_bc.polyak(t, o, 0.1)["w"], [0.1, 9.0])
+
+
+def tiny_dataset(n=200, obs_dim=4, act_dim=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return data.Transitions(
+        obs=jnp.asarray(rng.normal(size=(n, obs_dim)), jnp.float32),
+        action=jnp.asarray(rng.uniform(-1, 1, (n, act_dim)), jnp.float32),
+        reward=jnp.asarray(rng.normal(size=n), jnp.float32),
+        next_obs=jnp.asarray(rng.normal(size=(n, obs_dim)), jnp.float32),
+        done=jnp.asarray(rng.random(n) < 0.1, jnp.float32))
+
+
+def train_seeds(seeds, chunks=2):
+    args = td3_bc.Args(hidden_dim=32, batch_size=16, log_every=20)
+    init_v, train_v = td3_bc.make_train(args, 4, 2)
+    keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.asarray(seeds))
+    state, train_keys = init_v(keys[:, 0]), keys[:, 1]
+    dataset = tiny_dataset()
+    for _ in range(chunks):
+        state, train_keys, _ = train_v(dataset, state, train_keys)
+    return eqx.filter(state, eqx.is_array)
+
+
+def test_seed_i_of_a_multi_seed_run_is_the_single_seed_run():
+    many = train_seeds([0, 1, 2])
+    one = train_seeds([1])
+    for a, b in zip(jax.tree.leaves(many), jax.tree.leaves(one)):
+        np.testing.assert_allclose(a[1], b[0], rtol=1e-4, atol=1e-5)
+    differs = [not np.allclose(a[0], a[1]) for a in jax.tree.leaves(many)]
+    assert any(differs)  # the seeds really are different agents
+
+
+def small_args(run_dir, env, **kw):
+    base = dict(env=env, num_seeds=2, num_updates=40, eval_every=20, log_every=20, eval_episodes=1,
+                hidden_dim=32, batch_size=32, run_dir=str(run_dir))
+    return td3_bc.Args(**{**base, **kw})
+
+
+def test_resume_continues_exactly(tiny_hopper, tmp_path):
+    _, local = tiny_hopper
+    td3_bc.main(small_args(tmp_path / "full", str(local)))
+    td3_bc.main(small_args(tmp_path / "cut", str(local), num_updates=20))  # "interrupted" after 20 updates
+    td3_bc.main(small_args(tmp_path / "cut", str(local), resume=True))
+    a = (tmp_path / "full" / "checkpoint.eqx").read_bytes()
+    b = (tmp_path / "cut" / "checkpoint.eqx").read_bytes()
+    assert a == b  # same program, same inputs: the resumed run is bit-identical on CPU
+    ra = np.load(tmp_path / "full" / "returns.npz")
+    rb = np.load(tmp_path / "cut" / "returns.npz")
+    np.testing.assert_array_equal(ra["updates"], rb["updates"])
+    np.testing.assert_allclose(ra["returns"], rb["returns"], rtol=1e-4)
+    rows = (tmp_path / "cut" / "train.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 * 2  # header + (2 chunks x 2 seeds), no duplicates after resume
+    with pytest.raises(SystemExit, match="already holds a run"):
+        td3_bc.main(small_args(tmp_path / "full", str(local)))
+
+
+def test_non_finite_loss_stops_with_seed_and_update(tiny_hopper, tmp_path):
+    _, local = tiny_hopper
+    with pytest.raises(SystemExit, match=r"non-finite .* for seed 0 at update \d+.*last good checkpoint"):
+        td3_bc.main(small_args(tmp_path / "nan", str(local), critic_lr=1e30, actor_lr=1e30))
+
+
+def test_bad_arguments_are_explained():
+    with pytest.raises(SystemExit, match="must be a multiple of --eval-every"):
+        td3_bc.check_args(td3_bc.Args(num_updates=1500, eval_every=1000))
+
+
+def test_end_to_end_two_seeds_real_env(tiny_hopper, tmp_path):
+    """The script itself, as a user runs it, on a local D4RL-format file, evaluated in Hopper-v5."""
+    _, local = tiny_hopper
+    cmd = [sys.executable, str(ROOT / "algorithms" / "td3_bc.py"), "--env", str(local), "--num-seeds", "2",
+           "--num-updates", "400", "--eval-every", "200", "--log-every", "200", "--eval-episodes", "2",
+           "--run-dir", str(tmp_path / "run")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "mean +- std" in out.stdout
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and results["updates"] == 400 and len(results["final_per_seed"]) == 2
+    assert np.isfinite(results["final_per_seed"]).all()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["args"]["num_seeds"] == 2 and config["packages"]["jax"] == "0.10.2"
+    returns = np.load(tmp_path / "run" / "returns.npz")["returns"]
+    assert returns.shape == (2, 2, 2)  # evaluations x seeds x episodes
+    eval_rows = (tmp_path / "run" / "eval.csv").read_text().strip().splitlines()
+    assert eval_rows[0].startswith("update,seed,return,episode_length,score") and len(eval_rows) == 5
