@@ -1,0 +1,119 @@
+"""Updates per second of an algorithm file's compiled, seed-vmapped training chunk.
+
+    python benchmarks/speed.py --algos td3_bc --num-seeds 1 5 10 --out results/speed.md
+
+For each number of seeds it builds the program with the algorithm's own `make_train`, times the
+first chunk (compile + run) and then `--repeats` further chunks of `--chunk` updates, and reports
+the median. The dataset is synthetic (Hopper shapes: obs 11, act 3, `--dataset-size` rows); the
+update cost does not depend on the values. It also records the machine, the JAX device and the
+CPU load of other processes during the measurement, because a busy machine slows everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+
+from common import data
+
+
+@dataclasses.dataclass
+class Config:
+    algos: list[str] = dataclasses.field(default_factory=lambda: ["td3_bc"])
+    """algorithm files under algorithms/ to measure"""
+    num_seeds: list[int] = dataclasses.field(default_factory=lambda: [1, 5, 10])
+    """numbers of vmapped seeds to measure"""
+    chunk: int = 1000
+    """updates per timed chunk"""
+    repeats: int = 3
+    """timed chunks after the first (compile) chunk; the median is reported"""
+    dataset_size: int = 100_000
+    """rows of the synthetic dataset"""
+    out: str | None = "results/speed.md"
+    """markdown file to append the table to (a .json with the raw numbers goes beside it)"""
+
+
+def cpu_seconds_of_others() -> float:
+    """Busy CPU seconds of the whole machine minus this process (from /proc)."""
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+    with open("/proc/self/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    own = float(parts[11]) + float(parts[12])  # utime + stime
+    return (busy - own) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(algo: str, num_seeds: int, cfg: Config) -> dict:
+    module = importlib.import_module(f"algorithms.{algo}")
+    args = module.Args(num_seeds=num_seeds, log_every=cfg.chunk)
+    rng = np.random.default_rng(0)
+    n, obs_dim, act_dim = cfg.dataset_size, 11, 3
+    dataset = data.Transitions(
+        obs=jnp.asarray(rng.normal(size=(n, obs_dim)), jnp.float32),
+        action=jnp.asarray(rng.uniform(-1, 1, (n, act_dim)), jnp.float32),
+        reward=jnp.asarray(rng.normal(size=n), jnp.float32),
+        next_obs=jnp.asarray(rng.normal(size=(n, obs_dim)), jnp.float32),
+        done=jnp.asarray(rng.random(n) < 0.01, jnp.float32))
+    init_v, train_v = module.make_train(args, obs_dim, act_dim)
+    keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.arange(num_seeds))
+    state, train_keys = init_v(keys[:, 0]), keys[:, 1]
+
+    def chunk():
+        nonlocal state, train_keys
+        t = time.perf_counter()
+        state, train_keys, metrics = train_v(dataset, state, train_keys)
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - t
+
+    first = chunk()
+    others0, wall0 = cpu_seconds_of_others(), time.perf_counter()
+    times = [chunk() for _ in range(cfg.repeats)]
+    others_load = (cpu_seconds_of_others() - others0) / (time.perf_counter() - wall0)
+    median = float(np.median(times))
+    return {"algo": algo, "num_seeds": num_seeds, "chunk": cfg.chunk,
+            "updates_per_s": cfg.chunk / median, "seed_updates_per_s": cfg.chunk * num_seeds / median,
+            "compile_s": first - median, "chunk_s": times, "other_processes_cores": others_load}
+
+
+def main(cfg: Config) -> None:
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} on {jax.devices()[0].device_kind}"
+    rows = []
+    for algo in cfg.algos:
+        for s in cfg.num_seeds:
+            r = measure(algo, s, cfg)
+            rows.append(r)
+            print(f"{algo:8s} seeds={s:3d}  {r['updates_per_s']:8.1f} updates/s per seed  "
+                  f"{r['seed_updates_per_s']:8.1f} seed-updates/s  compile {r['compile_s']:.1f} s  "
+                  f"other load {r['other_processes_cores']:.2f} cores", flush=True)
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {machine}\n",
+                 f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n",
+                 "| algorithm | seeds | updates/s (per seed) | seed-updates/s (total) | compile s | other processes (cores busy) |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {r['algo']} | {r['num_seeds']} | {r['updates_per_s']:.1f} | {r['seed_updates_per_s']:.1f} | "
+                  f"{r['compile_s']:.1f} | {r['other_processes_cores']:.2f} |" for r in rows]
+        with open(out, "a") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(out.with_suffix(".json"), "a") as f:
+            f.write(json.dumps({"machine": machine, "argv": sys.argv[1:], "rows": rows}) + "\n")
+        print(f"appended to {out}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))
