@@ -241,8 +241,8 @@ def log_prob_u(mu: jax.Array, log_std: jax.Array, u: jax.Array) -> jax.Array:
 
 def sample_actions(mu: jax.Array, log_std: jax.Array, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     """n reparameterised samples for one state: actions (n, A) and their log pi (n,)."""
-    u = mu + jnp.exp(log_std) * jax.random.normal(key, (n,) + mu.shape)
-    return jnp.tanh(u), log_prob_u(mu, log_std, u)
+    u = mu[None] + jnp.exp(log_std)[None] * jax.random.normal(key, (n,) + mu.shape)
+    return jnp.tanh(u), jax.vmap(log_prob_u, in_axes=(None, None, 0))(mu, log_std, u)
 
 
 class Critic(eqx.Module):
