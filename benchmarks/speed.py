@@ -1,6 +1,11 @@
 """Updates per second of an algorithm file's compiled, seed-vmapped training chunk.
 
     python benchmarks/speed.py --algos td3_bc --num-seeds 1 5 10 --out results/speed.md
+    python benchmarks/speed.py --algos misa misa:hmc_chains=parallel misa:unbiased=False --num-seeds 1 5 --chunk 10
+
+An entry of --algos is `name` or `name:field=value,field=value` (fields of that file's Args), so
+variants of one algorithm (e.g. MISA's two HMC layouts, or MISA without the sampler, which gives
+the sampler's share of the update time) are measured side by side.
 
 For each number of seeds it builds the program with the algorithm's own `make_train`, times the
 first chunk (compile + run) and then `--repeats` further chunks of `--chunk` updates, and reports
@@ -11,6 +16,7 @@ CPU load of other processes during the measurement, because a busy machine slows
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import json
@@ -33,7 +39,7 @@ from common import data
 @dataclasses.dataclass
 class Config:
     algos: list[str] = dataclasses.field(default_factory=lambda: ["td3_bc"])
-    """algorithm files under algorithms/ to measure"""
+    """algorithm files under algorithms/ to measure, each optionally with Args overrides (name:k=v,k=v)"""
     num_seeds: list[int] = dataclasses.field(default_factory=lambda: [1, 5, 10])
     """numbers of vmapped seeds to measure"""
     chunk: int = 1000
@@ -57,9 +63,24 @@ def cpu_seconds_of_others() -> float:
     return (busy - own) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(algo: str, num_seeds: int, cfg: Config) -> dict:
+def parse(entry: str) -> tuple[str, dict]:
+    """'misa:hmc_chains=parallel,num_samples=20' -> ('misa', {'hmc_chains': 'parallel', 'num_samples': 20})"""
+    name, _, rest = entry.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return name, overrides
+
+
+def measure(entry: str, num_seeds: int, cfg: Config) -> dict:
+    algo, overrides = parse(entry)
     module = importlib.import_module(f"algorithms.{algo}")
-    args = module.Args(num_seeds=num_seeds, log_every=cfg.chunk)
+    args = module.Args(num_seeds=num_seeds, log_every=cfg.chunk, eval_every=cfg.chunk, num_updates=1000 * cfg.chunk,
+                       **overrides)
     rng = np.random.default_rng(0)
     n, obs_dim, act_dim = cfg.dataset_size, 11, 3
     dataset = data.Transitions(
@@ -84,7 +105,7 @@ def measure(algo: str, num_seeds: int, cfg: Config) -> dict:
     times = [chunk() for _ in range(cfg.repeats)]
     others_load = (cpu_seconds_of_others() - others0) / (time.perf_counter() - wall0)
     median = float(np.median(times))
-    return {"algo": algo, "num_seeds": num_seeds, "chunk": cfg.chunk,
+    return {"algo": entry, "num_seeds": num_seeds, "chunk": cfg.chunk,
             "updates_per_s": cfg.chunk / median, "seed_updates_per_s": cfg.chunk * num_seeds / median,
             "compile_s": first - median, "chunk_s": times, "other_processes_cores": others_load}
 
