@@ -1,0 +1,75 @@
+"""Online SAC (algorithms/sac.py): the tanh-Gaussian density, exact resumption, the kept replay buffer.
+InvertedDoublePendulum-v5: a MuJoCo env whose random play ends in true terminations within ~10 steps."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from algorithms import sac
+
+TINY = dict(env="InvertedDoublePendulum-v5", hidden_dim=32, batch_size=32, learning_starts=100, checkpoint_every=100,
+            update_every=10, eval_episodes=2, progress=False)
+
+
+def test_tanh_gaussian_log_prob_matches_change_of_variables():
+    actor = sac.Actor(3, 2, 16, key=jax.random.PRNGKey(0))
+    obs = jnp.array([0.3, -1.0, 2.0])
+    mean, log_std = actor(obs)
+    for k in range(5):
+        a, logp = sac.sample_action(actor, obs, jax.random.PRNGKey(k))
+        u = np.arctanh(np.asarray(a, np.float64))
+        m, s = np.asarray(mean, np.float64), np.exp(np.asarray(log_std, np.float64))
+        expected = np.sum(-0.5 * ((u - m) / s) ** 2 - np.log(s) - 0.5 * math.log(2 * math.pi) - np.log(1 - np.tanh(u) ** 2))
+        assert float(logp) == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    assert np.all(np.abs(np.asarray(sac.deterministic_action(actor, obs))) < 1)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """A run interrupted at a checkpoint and resumed equals an uninterrupted one: buffer, evaluations,
+    policies, agents (the MuJoCo physics and the env's random state are restored mid-episode)."""
+    full = sac.train(sac.Args(**TINY, total_steps=300, run_dir=str(tmp_path / "full")))
+    part = sac.train(sac.Args(**TINY, total_steps=200, run_dir=str(tmp_path / "part")))
+    assert sac.checkpoint_step(part) == 200
+    sac.train(sac.Args(**TINY, total_steps=300, run_dir=str(part), resume=True))
+
+    a, b = sac.read_buffer(full, 300, seed_index=0), sac.read_buffer(part, 300, seed_index=0)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_allclose(sac.read_evals(full)["returns"], sac.read_evals(part)["returns"], rtol=1e-5)
+    leaves = lambda run: jax.tree.leaves(eqx.filter(sac.load_actor(run, 300), eqx.is_array))
+    for x, y in zip(leaves(full), leaves(part)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(SystemExit, match="different settings"):
+        sac.train(sac.Args(**{**TINY, "hidden_dim": 64}, total_steps=400, run_dir=str(part), resume=True))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        sac.train(sac.Args(**TINY, total_steps=300, run_dir=str(full)))
+
+
+def test_buffer_keeps_every_transition_with_d4rl_semantics(tmp_path):
+    run = sac.train(sac.Args(**TINY, total_steps=300, num_seeds=2,
+                             run_dir=str(tmp_path / "idp")))
+    buf = sac.read_buffer(run, 300)  # (S, T, ...)
+    assert buf["observations"].shape[:2] == (2, 300)
+    assert not np.array_equal(buf["actions"][0], buf["actions"][1])  # the two seeds are independent agents
+    for i in range(2):
+        term, tout = buf["terminals"][i], buf["timeouts"][i]
+        assert term.any(), "random play in InvertedDoublePendulum falls over: terminals expected"
+        assert not (term & tout).any()
+        # within an episode the next row starts where this one ended
+        cont = ~(term | tout)[:-1]
+        np.testing.assert_array_equal(buf["next_observations"][i][:-1][cont], buf["observations"][i][1:][cont])
+        # qpos is recorded before the step: obs[0] of InvertedDoublePendulum is the cart position qpos[0]
+        np.testing.assert_allclose(buf["infos/qpos"][i][:, 0], buf["observations"][i][:, 0], atol=1e-6)
+        # warm-up steps are uniform: log-density of U[-1, 1] for the 1-D action
+        np.testing.assert_allclose(buf["action_log_probs"][i][:100], -math.log(2.0), rtol=1e-6)
+        assert np.abs(buf["actions"][i]).max() <= 1.0
+    # seed i of a 2-seed run is the 1-seed run with seed + i
+    solo = sac.train(sac.Args(**TINY, total_steps=300, seed=1,
+                              run_dir=str(tmp_path / "solo")))
+    np.testing.assert_allclose(sac.read_buffer(solo, 300, seed_index=0)["actions"], buf["actions"][1], atol=1e-5)
