@@ -193,8 +193,8 @@ def check_args(args: Args) -> None:
         problems.append("--num-seeds must be >= 1")
     if args.eval_every % args.log_every:
         problems.append(f"--eval-every ({args.eval_every}) must be a multiple of --log-every ({args.log_every})")
-    if args.num_updates % args.eval_every:
-        problems.append(f"--num-updates ({args.num_updates}) must be a multiple of --eval-every ({args.eval_every})")
+    if args.num_updates % args.log_every:
+        problems.append(f"--num-updates ({args.num_updates}) must be a multiple of --log-every ({args.log_every})")
     if args.resume and args.run_dir is None:
         problems.append("--resume needs --run-dir pointing at the interrupted run")
     if args.num_samples < 1 or args.hmc_leapfrog < 1 or args.hmc_burnin < 0:
@@ -534,7 +534,7 @@ def main(args: Args) -> dict:
         bar.update(args.log_every)
         run.log("train", update_count, {k: v.mean(axis=1) for k, v in metrics.items() if k != "params_finite"})
 
-        if update_count % args.eval_every == 0:
+        if update_count % args.eval_every == 0 or update_count == args.num_updates:
             returns, lengths = evaluator.run(policy)
             history["updates"].append(update_count)
             history["returns"].append(returns)

@@ -60,7 +60,7 @@ class Args:
     num_updates: int = 1_000_000
     """total updates per agent (see the class docstring for what one update is)"""
     eval_every: int = 5000
-    """updates between evaluations (and checkpoints)"""
+    """updates between evaluations (and checkpoints); the last update is always evaluated"""
     eval_episodes: int = 10
     """evaluation episodes per agent, deterministic policy"""
     log_every: int = 1000
@@ -111,8 +111,8 @@ def check_args(args: Args) -> None:
         problems.append(f"--log-every ({args.log_every}) must be a multiple of --policy-delay ({args.policy_delay})")
     if args.eval_every % args.log_every:
         problems.append(f"--eval-every ({args.eval_every}) must be a multiple of --log-every ({args.log_every})")
-    if args.num_updates % args.eval_every:
-        problems.append(f"--num-updates ({args.num_updates}) must be a multiple of --eval-every ({args.eval_every})")
+    if args.num_updates % args.log_every:
+        problems.append(f"--num-updates ({args.num_updates}) must be a multiple of --log-every ({args.log_every})")
     if args.resume and args.run_dir is None:
         problems.append("--resume needs --run-dir pointing at the interrupted run")
     if problems:
@@ -331,7 +331,7 @@ def main(args: Args) -> dict:
         bar.update(args.log_every)
         run.log("train", update_count, {k: v.mean(axis=1) for k, v in metrics.items() if k != "params_finite"})
 
-        if update_count % args.eval_every == 0:
+        if update_count % args.eval_every == 0 or update_count == args.num_updates:
             returns, lengths = evaluator.run(policy)
             history["updates"].append(update_count)
             history["returns"].append(returns)

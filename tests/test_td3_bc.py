@@ -134,8 +134,9 @@ def test_non_finite_loss_stops_with_seed_and_update(tiny_hopper, tmp_path):
 
 
 def test_bad_arguments_are_explained():
-    with pytest.raises(SystemExit, match="must be a multiple of --eval-every"):
+    with pytest.raises(SystemExit, match="must be a multiple of --log-every"):
         td3_bc.check_args(td3_bc.Args(num_updates=1500, eval_every=1000))
+    td3_bc.check_args(td3_bc.Args(num_updates=2000))  # fewer updates than --eval-every: evaluated at the end
 
 
 def test_end_to_end_two_seeds_real_env(tiny_hopper, tmp_path):
