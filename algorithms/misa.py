@@ -415,7 +415,7 @@ def update(state: AgentState, dataset: data.Transitions, key: jax.Array, args: A
         log_gamma, gamma_opt = apply_grads(opt.gamma, state.log_gamma, state.gamma_opt, g_grad)
 
     # HMC samples of the improved policy p(a|s) ∝ pi(a|s) exp Q(s, a), for the Eq. 15 correction
-    u_mcmc, acceptance = jnp.zeros((args.batch_size, args.num_samples, batch.action.shape[1])), jnp.float32(jnp.nan)
+    u_mcmc = jnp.zeros((args.batch_size, args.num_samples, batch.action.shape[1]))
     if args.unbiased and regularise:
         u_mcmc, acceptance = sample_improved_actions(state.actor, state.critic, batch.obs, batch.action, hmc_key, args)
     _, weights = mi_bound(jax.lax.stop_gradient(q_samples_min), jnp.zeros(args.batch_size), args.temperature)
@@ -433,7 +433,10 @@ def update(state: AgentState, dataset: data.Transitions, key: jax.Array, args: A
     state = AgentState(actor=actor, critic=critic, critic_target=polyak(state.critic_target, critic, args.tau),
                        log_alpha=log_alpha, log_gamma=log_gamma, actor_opt=actor_opt, critic_opt=critic_opt,
                        alpha_opt=alpha_opt, gamma_opt=gamma_opt)
-    return state, {**c_metrics, **a_metrics, "alpha": alpha, "gamma_1": gamma_1, "hmc_acceptance": acceptance}
+    metrics = {**c_metrics, **a_metrics, "alpha": alpha, "gamma_1": gamma_1}
+    if args.unbiased and regularise:
+        metrics["hmc_acceptance"] = acceptance
+    return state, metrics
 
 
 # ============================================================================ make_train
@@ -531,7 +534,7 @@ def main(args: Args) -> dict:
     while update_count < args.num_updates:
         state, train_keys, metrics = train_v(dataset, state, train_keys)
         metrics = jax.tree.map(np.asarray, metrics)
-        check_finite(metrics, seeds, update_count, 1, run_dir)
+        runlog.check_finite(metrics, seeds, update_count, 1, run_dir)
         update_count += args.log_every
         bar.update(args.log_every)
         run.log("train", update_count, {k: v.mean(axis=1) for k, v in metrics.items() if k != "params_finite"})
@@ -551,44 +554,8 @@ def main(args: Args) -> dict:
             bar.set_postfix({k: f"{v.mean():.1f}" for k, v in eval_metrics.items() if k != "episode_length"})
     bar.close()
     evaluator.close()
-    results = report(history, spec, seeds, run_dir)
+    results = runlog.report(history, spec, seeds, run_dir)
     run.close()
-    return results
-
-
-def check_finite(metrics: dict, seeds: list[int], update_count: int, per_step: int, run_dir: Path) -> None:
-    """Stop at the first non-finite loss or parameter, naming the seed and the update."""
-    steps = {k: v for k, v in metrics.items() if k not in ("params_finite", "hmc_acceptance")}  # each (S, T)
-    chunk_end = update_count + next(iter(steps.values())).shape[1] * per_step
-    for name, values in steps.items():
-        if not np.isfinite(values).all():
-            i, t = np.argwhere(~np.isfinite(values))[0]
-            stop(f"non-finite {name} for seed {seeds[i]} at update {update_count + (t + 1) * per_step}", run_dir)
-    if not metrics["params_finite"].all():
-        i = int(np.argmin(metrics["params_finite"]))
-        stop(f"non-finite parameters for seed {seeds[i]} by update {chunk_end}", run_dir)
-
-
-def stop(what: str, run_dir: Path) -> None:
-    raise SystemExit(
-        f"{what}. Training stopped; the last good checkpoint is in {run_dir}. Fix the cause (e.g. a lower "
-        f"learning rate or cleaner data), then continue with --resume --run-dir {run_dir}.")
-
-
-def report(history: dict, spec: data.EnvSpec, seeds: list[int], run_dir: Path) -> dict:
-    """Print the final score per seed and mean +- std; write results.json."""
-    returns = history["returns"][-1]  # (S, E) at the last evaluation
-    has_ref = spec.ref_min_score is not None
-    per_seed = (scores.normalized(returns, spec.ref_min_score, spec.ref_max_score, spec.name) if has_ref else returns).mean(1)
-    label = "normalised score" if has_ref else "return (no reference scores for this dataset)"
-    print(f"\nfinal {label} on {spec.name} after {history['updates'][-1]} updates, {returns.shape[1]} episodes per seed")
-    for s, v in zip(seeds, per_seed):
-        print(f"  seed {s:>4}: {v:8.2f}")
-    print(f"  mean +- std: {per_seed.mean():.2f} +- {per_seed.std():.2f}")
-    results = {"env": spec.name, "source": spec.source, "updates": history["updates"][-1], "seeds": seeds,
-               "metric": label, "final_per_seed": per_seed.tolist(), "final_mean": float(per_seed.mean()),
-               "final_std": float(per_seed.std()), "episodes_per_seed": int(returns.shape[1])}
-    runlog.write_json(run_dir / "results.json", results)
     return results
 
 

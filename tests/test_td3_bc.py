@@ -11,7 +11,6 @@ import pytest
 
 from algorithms import td3_bc
 from common import data
-from common import logging as runlog
 
 ROOT = Path(__file__).resolve().parents[1]
 
