@@ -7,6 +7,9 @@ A run directory holds:
   returns.npz    raw per-episode evaluation returns, shape (num_evals, num_seeds, episodes)
   checkpoint.eqx the agents (all seeds stacked) at the last evaluation, + checkpoint.json
   results.json   final normalised score per seed, mean and std
+
+`check_finite` (stop at the first NaN/inf loss or parameter, naming seed and update) and `report`
+(the final table) are shared by every algorithm script.
 """
 
 from __future__ import annotations
