@@ -46,15 +46,16 @@ class Config:
 def main(cfg: Config) -> None:
     rows = []
     for algo in cfg.algos:
-        run_dir = ROOT / "runs" / "short" / f"{algo}__{cfg.env.replace('/', '_')}"
+        flags = [f for item in cfg.extra if fnmatch.fnmatch(algo, item.partition(":")[0])
+                 for f in shlex.split(item.partition(":")[2])]
+        tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in "_".join(flags))
+        run_dir = (ROOT / "runs" / "short" / f"{algo}__{cfg.env.replace('/', '_')}__{cfg.num_updates}upd"
+                   f"_{cfg.num_seeds}seeds{'__' + tag if tag else ''}")  # a new budget never reuses an old run
         cmd = [sys.executable, f"algorithms/{algo}.py", "--env", cfg.env, "--num-seeds", str(cfg.num_seeds),
                "--num-updates", str(cfg.num_updates), "--eval-every", str(cfg.num_updates),
                "--log-every", str(min(cfg.num_updates, 500)), "--eval-episodes", str(cfg.eval_episodes),
                "--run-dir", str(run_dir.relative_to(ROOT))]
-        for item in cfg.extra:
-            pattern, _, flags = item.partition(":")
-            if fnmatch.fnmatch(algo, pattern):
-                cmd += shlex.split(flags)
+        cmd += flags
         if (run_dir / "results.json").exists():
             print(f"{algo}: {run_dir} already finished, reusing it")
             wall = json.loads((run_dir / "wall_time.json").read_text())["seconds"]
