@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -82,6 +83,8 @@ class Args:
     .hdf5 path, or one of this project's generated datasets (ours/Hopper-v5/medium)"""
     dataset_dir: str | None = None
     """folder holding D4RL files (default $D4RL_DATASET_DIR or ~/.d4rl/datasets) or, for ours/..., datasets/"""
+    normalize_obs: bool = False
+    """standardise observations with the dataset's mean and std (off in the official code)"""
     num_seeds: int = 5
     """independent agents trained at once (vmapped); agent i uses seed `seed + i`"""
     seed: int = 0
@@ -170,19 +173,21 @@ PRESETS = {
 }
 
 
-def domain_of(env: str) -> str:
-    name = env.split("/")[-2] if env.count("/") >= 2 else env  # Minari ids: D4RL/antmaze/umaze-v1
-    for domain, prefixes in {"antmaze": ["antmaze"], "adroit": ["pen", "door", "hammer", "relocate"],
-                             "kitchen": ["kitchen"]}.items():
-        if any(name.lower().startswith(p) for p in prefixes):
+def domain_of(env: str, eval_env_id: str | None = None) -> str:
+    """Benchmark domain of a dataset, from its name or, for local files, its evaluation env id
+    (D4RL names, Minari ids such as D4RL/door/human-v2, gymnasium ids such as AdroitHandDoor-v1)."""
+    text = f"{env} {eval_env_id or ''}".lower()
+    for domain, pattern in {"antmaze": r"antmaze", "adroit": r"\b(pen|door|hammer|relocate)\b|adroithand",
+                            "kitchen": r"kitchen"}.items():
+        if re.search(pattern, text):
             return domain
     return "locomotion"
 
 
-def resolve_args(args: Args, rewards: np.ndarray | None = None) -> Args:
+def resolve_args(args: Args, rewards: np.ndarray | None = None, eval_env_id: str | None = None) -> Args:
     """Fill every field left at None from the domain preset; returns the effective config.
     Adroit and Kitchen rewards are scaled to [-1, 1] by the dataset's own range (official code)."""
-    preset = dict(PRESETS[domain_of(args.env)])
+    preset = dict(PRESETS[domain_of(args.env, eval_env_id)])
     if preset["reward_scale"] is None:
         lo, hi = (float(rewards.min()), float(rewards.max())) if rewards is not None else (0.0, 1.0)
         preset["reward_scale"] = 2.0 / max(hi - lo, 1e-8)
@@ -493,14 +498,18 @@ def main(args: Args) -> dict:
     check_args(args)
     seeds = [args.seed + i for i in range(args.num_seeds)]
 
-    # --- data: the domain's reward transform, visibly here; no observation normalisation (official default)
+    # --- data: the domain's reward transform, visibly here; observation normalisation is optional
+    # (off in the official code); statistics are constants, outside every Module
     raw, spec = data.load(args.env, args.dataset_dir)
-    args = resolve_args(args, raw.reward)
-    obs_mean, obs_std = np.zeros(spec.obs_dim, np.float32), np.ones(spec.obs_dim, np.float32)
+    args = resolve_args(args, raw.reward, spec.eval_env_id)
+    if args.normalize_obs:
+        obs_mean, obs_std = raw.obs.mean(0), raw.obs.std(0) + 1e-3
+    else:
+        obs_mean, obs_std = np.zeros(spec.obs_dim, np.float32), np.ones(spec.obs_dim, np.float32)
     dataset = data.Transitions(
-        obs=jnp.asarray(raw.obs), action=jnp.asarray(raw.action),
+        obs=jnp.asarray((raw.obs - obs_mean) / obs_std), action=jnp.asarray(raw.action),
         reward=jnp.asarray(args.reward_scale * raw.reward + args.reward_bias, jnp.float32),
-        next_obs=jnp.asarray(raw.next_obs), done=jnp.asarray(raw.done))
+        next_obs=jnp.asarray((raw.next_obs - obs_mean) / obs_std), done=jnp.asarray(raw.done))
     evaluator = evaluation.Evaluator(spec, seeds, args.eval_episodes)  # fails early if it cannot evaluate
 
     # --- agents, run directory, resume
@@ -524,6 +533,7 @@ def main(args: Args) -> dict:
         raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     run = runlog.Run(run_dir, args, seeds, args.track, args.wandb_project,
                      resume_update=update_count if args.resume else None)
+    np.savez(run_dir / "obs_stats.npz", mean=obs_mean, std=obs_std)  # what act() needs besides the actor
     print(f"{ALGO} on {spec.name} ({spec.source}; {raw.obs.shape[0]} transitions), seeds {seeds}, run dir {run_dir}")
 
     def policy(obs: np.ndarray) -> np.ndarray:

@@ -121,11 +121,9 @@ def d4rl_spec_fields(name: str) -> dict:
             fields["eval_env_kwargs"] = {"include_cfrc_ext_in_observation": False}
             fields["obs_pad"] = 84
     else:
-        fields["eval_unsupported"] = (
-            f"evaluation environments for the {task} domain are not built yet (AntMaze, Adroit and "
-            "Kitchen mappings to gymnasium-robotics are a separate piece of work); training on the "
-            "data works"
-        )
+        # AntMaze, Adroit and Kitchen: gymnasium-robotics envs adapted to D4RL's observation layout,
+        # goals and rewards (common/envs; what is faithful and what is not is said there)
+        fields["eval_env_id"] = f"common.envs:{name}"
     return fields
 
 
@@ -368,15 +366,13 @@ def _load_minari(dataset_id: str, download: bool) -> tuple[Transitions, EnvSpec]
             ) from e
     obs, next_obs, actions, rewards, dones = [], [], [], [], []
     for episode in dataset.iterate_episodes():
-        if isinstance(episode.observations, dict):
-            raise NotImplementedError(
-                f"{dataset_id}: dictionary observations (goal-conditioned datasets such as AntMaze) are "
-                "not flattened yet; use the D4RL name of the dataset instead"
-            )
+        # Goal-conditioned datasets (AntMaze, Kitchen) store dict observations; they are flattened
+        # in the order of gymnasium's `spaces.flatten`, which evaluation's FlattenObservation uses too.
+        flat = flatten_observations(dataset.observation_space, episode.observations)
         # Minari stores T+1 observations per episode, so every step, including one that was
         # truncated, has its true next observation.
-        obs.append(episode.observations[:-1])
-        next_obs.append(episode.observations[1:])
+        obs.append(flat[:-1])
+        next_obs.append(flat[1:])
         actions.append(episode.actions)
         rewards.append(episode.rewards)
         dones.append(episode.terminations)
@@ -405,6 +401,17 @@ def _load_minari(dataset_id: str, download: bool) -> tuple[Transitions, EnvSpec]
         ref_max_score=meta.get("ref_max_score"),
     )
     return t, spec
+
+
+def flatten_observations(space, observations) -> np.ndarray:
+    """(T, ...) observations of a (possibly nested Dict) gymnasium space -> (T, flat_dim), in the
+    order `gymnasium.spaces.flatten` uses for one observation."""
+    import gymnasium as gym
+
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flatten_observations(sub, observations[key]) for key, sub in space.spaces.items()], axis=1)
+    observations = np.asarray(observations)
+    return observations.reshape(observations.shape[0], -1)
 
 
 def _unknown_name_message(env: str) -> str:

@@ -10,7 +10,9 @@ Evaluation environments:
   with, what the legacy `d4rl` env would give.
 - Minari datasets use the env Minari recovers (`recover_environment(eval_env=True)`).
 - `ours/...` datasets and annotated local files use `metadata/env_id`.
-- AntMaze, Adroit and Kitchen are not mapped yet: `Evaluator` fails with a clear message.
+- D4RL's AntMaze, Adroit and Kitchen datasets evaluate in gymnasium-robotics envs adapted to
+  D4RL's observation layouts, goals and rewards (`common/envs`, registered as
+  `common.envs:<d4rl name>`).
 
 Actions are in [-1, 1]; envs with other bounds are rescaled with gymnasium's `RescaleAction`.
 """
@@ -31,6 +33,8 @@ def make_env(spec: EnvSpec) -> gym.Env:
         import minari
 
         env = minari.load_dataset(spec.minari_id).recover_environment(eval_env=True)
+        if isinstance(env.observation_space, gym.spaces.Dict):  # flattened as common.data flattens the data
+            env = gym.wrappers.FlattenObservation(env)
     elif spec.eval_env_id is not None:
         kwargs = dict(spec.eval_env_kwargs)
         if spec.max_episode_steps is not None:

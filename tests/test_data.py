@@ -188,3 +188,27 @@ def test_minari_local_dataset(tmp_path, monkeypatch):
     np.testing.assert_array_equal(t.next_obs[:49], t.obs[1:50])
     assert spec.source == "minari" and spec.minari_id == "test/pendulum/tiny-v0"
     assert (spec.ref_min_score, spec.ref_max_score) == (-1500.0, -150.0)
+
+
+def test_minari_dict_observations_are_flattened_as_evaluation_sees_them(tmp_path, monkeypatch):
+    """Goal-conditioned Minari datasets (AntMaze, Kitchen) store dict observations: the loader's
+    flattening must give the same vector that the evaluation env gives for the same state."""
+    import gymnasium as gym
+    import gymnasium_robotics  # noqa: F401  (registers PointMaze)
+    import minari
+
+    from common import evaluation
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    env = minari.DataCollector(gym.make("PointMaze_UMaze-v3", max_episode_steps=30))
+    first, _ = env.reset(seed=0)
+    for _ in range(30):
+        env.step(env.action_space.sample())
+    env.create_dataset(dataset_id="test/pointmaze/tiny-v0", algorithm_name="random")
+    t, spec = data.load("test/pointmaze/tiny-v0", download=False)
+    assert t.obs.shape == (30, 8)  # achieved_goal 2 + desired_goal 2 + observation 4
+    np.testing.assert_allclose(t.obs[0], gym.spaces.flatten(env.observation_space, first), rtol=1e-6)
+    eval_env = evaluation.make_env(spec)
+    assert eval_env.observation_space.shape == (8,)
+    obs, _ = eval_env.reset(seed=0)
+    assert obs.shape == (8,)

@@ -254,3 +254,12 @@ def test_tanh_gaussian_matches_distrax():
     dist = distrax.Transformed(distrax.MultivariateNormalDiag(mu, jnp.exp(log_std)), distrax.Block(distrax.Tanh(), 1))
     actions, log_probs = misa.sample_actions(mu, log_std, jax.random.PRNGKey(0), 64)
     np.testing.assert_allclose(log_probs, jax.vmap(dist.log_prob)(actions), rtol=2e-3, atol=2e-3)
+
+
+def test_domain_of_reads_names_ids_and_eval_envs():
+    assert misa.domain_of("antmaze-umaze-v0") == misa.domain_of("D4RL/antmaze/umaze-v1") == "antmaze"
+    assert misa.domain_of("D4RL/door/human-v2") == misa.domain_of("ours/AdroitHandDoor-v1/human") == "adroit"
+    assert misa.domain_of("pen-cloned-v1") == "adroit"
+    assert misa.domain_of("/tmp/x/tiny.hdf5", "common.envs:kitchen-complete-v0") == "kitchen"
+    assert misa.domain_of("/home/openai/hopper.hdf5", "Hopper-v5") == "locomotion"  # 'pen' inside a word is not Adroit
+    assert misa.domain_of("ours/Hopper-v5/medium") == "locomotion"
