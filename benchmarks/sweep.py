@@ -1,0 +1,226 @@
+"""Sweep runner: every (variant, dataset) pair of a named sweep, one run directory each, resumable.
+
+    python benchmarks/sweep.py run cpu-hopper            # train (skips finished runs, resumes the rest)
+    python benchmarks/sweep.py run cpu-hopper --dry-run  # print the commands only
+    python benchmarks/sweep.py wandb cpu-hopper          # write results/sweeps/cpu-hopper.yaml for `wandb sweep`
+    python benchmarks/report.py                          # results/README.md from the summaries
+
+A run is the algorithm script itself, launched as a user would, with `--num-seeds` seeds vmapped
+in one process, into `runs/sweeps/<sweep>/<variant>/<dataset>`. When a run finishes, a small
+summary (config, learning curve per seed, final scores, wall time, machine) is written to
+`results/summaries/<sweep>/<variant>__<dataset>.json`; the summaries are committed and the report
+is built from them alone. Sweeps are defined below, so the command line that made a table names
+everything that went into it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+HOPPER_SPLITS = [f"ours/Hopper-v5/{s}" for s in ("random", "medium", "medium-replay", "medium-expert", "expert")]
+D4RL_LOCOMOTION = [f"{t}-{s}-v2" for s in ("medium", "medium-replay", "medium-expert")
+                   for t in ("halfcheetah", "hopper", "walker2d")]
+D4RL_ANTMAZE = [f"antmaze-{s}-v0" for s in ("umaze", "umaze-diverse", "medium-play", "medium-diverse",
+                                             "large-play", "large-diverse")]
+D4RL_ADROIT = [f"{t}-{s}-v1" for s in ("human", "cloned") for t in ("pen", "door", "hammer", "relocate")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """variants x datasets; a variant is an algorithm file plus flags."""
+
+    description: str
+    datasets: list[str]
+    variants: dict[str, str]  # label -> "algo --flag value ..."
+    num_seeds: int = 5
+    num_updates: int = 1_000_000
+    eval_every: int = 10_000
+    log_every: int = 1000
+    common_flags: str = ""  # passed to every run (e.g. a smaller network for a CPU budget)
+
+
+ALGOS = {"td3_bc": "td3_bc", "cql": "cql", "misa": "misa", "misa_dv": "misa_dv", "misa_f": "misa_f"}
+# The paper's Table 2, mapped to flags of misa.py (see shared research notes: k = samples per state,
+# BI = HMC burn-in, BA = the Barber-Agakov log-likelihood term of the policy loss).
+TABLE2 = {
+    "misa k=5": "misa --num-samples 5",
+    "misa k=20": "misa --num-samples 20",
+    "misa BI=1": "misa --hmc-burnin 1",
+    "misa BA only": "misa --ba-only",
+    "misa no BA": "misa --no-ba",
+    "misa-f": "misa_f",
+    "misa-dv": "misa_dv",
+    "misa biased": "misa --no-unbiased",
+    "misa": "misa",
+}
+# What this 2-core CPU can afford: 64-wide networks, K = 10 samples (MISA's and CQL's default is
+# 50 / 10), 1000 updates. That is 0.1 % of the paper's budget: these runs show the pipeline and
+# the early learning phase, not final performance.
+CPU_BUDGET = dict(num_seeds=5, num_updates=1000, eval_every=250, log_every=250,
+                  common_flags="--hidden-dim 64 --eval-episodes 10")
+SWEEPS = {
+    "cpu-hopper": Sweep(
+        "every algorithm on the five splits of ours/Hopper-v5 (this project's datasets, not D4RL), CPU budget",
+        HOPPER_SPLITS,
+        {"td3_bc": "td3_bc", "cql": "cql", "misa": "misa --num-samples 10", "misa_dv": "misa_dv --num-samples 10",
+         "misa_f": "misa_f --num-samples 10"},
+        **CPU_BUDGET),
+    "cpu-hopper-ablations": Sweep(
+        "the MISA ablations of the paper's Table 2 on two ours/Hopper-v5 splits, CPU budget "
+        "(K = 10 unless the variant sets it)",
+        ["ours/Hopper-v5/medium", "ours/Hopper-v5/medium-replay"],
+        {label: (v + " --num-samples 10" if "num-samples" not in v else v) for label, v in TABLE2.items()},
+        **CPU_BUDGET),
+    "paper": Sweep(
+        "the paper's Table 1 grid at the paper's budget (1M updates, default networks): needs GPUs and the D4RL files",
+        D4RL_LOCOMOTION + D4RL_ANTMAZE + D4RL_ADROIT,
+        dict(ALGOS)),
+    "paper-ablations": Sweep(
+        "the paper's Table 2 ablations at the paper's budget on gym-locomotion",
+        D4RL_LOCOMOTION,
+        dict(TABLE2)),
+}
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in text)
+
+
+def run_dir(sweep: str, label: str, dataset: str) -> Path:
+    return ROOT / "runs" / "sweeps" / sweep / slug(label) / slug(dataset)
+
+
+def summary_path(sweep: str, label: str, dataset: str) -> Path:
+    return ROOT / "results" / "summaries" / sweep / f"{slug(label)}__{slug(dataset)}.json"
+
+
+def command(sw: Sweep, sweep: str, label: str, dataset: str) -> list[str]:
+    algo, *flags = shlex.split(sw.variants[label])
+    return ["python", f"algorithms/{algo}.py", "--env", dataset, "--num-seeds", str(sw.num_seeds),
+            "--num-updates", str(sw.num_updates), "--eval-every", str(sw.eval_every),
+            "--log-every", str(sw.log_every), "--run-dir", str(run_dir(sweep, label, dataset).relative_to(ROOT)),
+            *shlex.split(sw.common_flags), *flags]
+
+
+def machine() -> str:
+    import jax
+
+    devices = jax.devices()
+    kind = devices[0].device_kind if devices[0].platform != "cpu" else platform.processor() or platform.machine()
+    return f"{len(devices)} x {devices[0].platform} ({kind}), {os.cpu_count()} CPU cores, {platform.node()}"
+
+
+def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: float, where: str) -> dict:
+    """What the report needs from a finished run directory, small enough to commit."""
+    rd = run_dir(sweep, label, dataset)
+    results = json.loads((rd / "results.json").read_text())
+    config = json.loads((rd / "config.json").read_text())
+    curve: dict[int, dict[int, float]] = {}
+    with open(rd / "eval.csv") as f:
+        for row in csv.DictReader(f):
+            value = float(row["score"]) if row.get("score") not in (None, "") else float(row["return"])
+            curve.setdefault(int(row["update"]), {})[int(row["seed"])] = value
+    return {
+        "sweep": sweep, "label": label, "dataset": dataset, "algo": Path(cmd[1]).stem,
+        "command": shlex.join(cmd), "args": config["args"], "git_commit": config.get("git_commit"),
+        "metric": results["metric"], "seeds": results["seeds"], "episodes_per_seed": results["episodes_per_seed"],
+        "final_per_seed": results["final_per_seed"], "final_mean": results["final_mean"], "final_std": results["final_std"],
+        "curve": {"updates": sorted(curve), "per_seed": [[curve[u].get(s) for s in results["seeds"]] for u in sorted(curve)]},
+        "wall_time_s": wall_s, "machine": where, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def run(sweep: str, dry_run: bool = False, only: list[str] | None = None) -> None:
+    sw = SWEEPS[sweep]
+    where = machine()
+    pairs = [(label, ds) for ds in sw.datasets for label in sw.variants if not only or label in only]
+    for i, (label, dataset) in enumerate(pairs, 1):
+        cmd, rd, out = command(sw, sweep, label, dataset), run_dir(sweep, label, dataset), summary_path(sweep, label, dataset)
+        head = f"[{i}/{len(pairs)}] {label} on {dataset}"
+        if out.exists():
+            print(f"{head}: done ({out.relative_to(ROOT)})")
+            continue
+        if dry_run:
+            print(f"{head}: {shlex.join(cmd)}")
+            continue
+        wall_file = rd / "wall_time.json"
+        if not (rd / "results.json").exists():
+            resume = ["--resume"] if (rd / "checkpoint.eqx").exists() else []
+            print(f"{head}: {shlex.join(cmd + resume)}", flush=True)
+            spent = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0
+            t = time.time()
+            try:
+                subprocess.run([sys.executable, *cmd[1:], *resume], cwd=ROOT, check=True)
+            finally:  # an interrupted run keeps the time it has spent, and resumes next time
+                rd.mkdir(parents=True, exist_ok=True)
+                wall_file.write_text(json.dumps({"seconds": spent + time.time() - t}))
+        wall = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else float("nan")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summarise(sweep, label, dataset, cmd, wall, where), indent=1) + "\n")
+        print(f"{head}: {wall / 60:.1f} min, summary in {out.relative_to(ROOT)}", flush=True)
+
+
+def wandb_sweep(sweep: str) -> Path:
+    """A wandb grid over the same (variant, dataset) pairs; each agent runs `run-one` of this file."""
+    sw = SWEEPS[sweep]
+    lines = [f"# {sw.description}", f"# generated by: python benchmarks/sweep.py wandb {sweep}",
+             f"# use: wandb sweep {Path('results/sweeps') / (sweep + '.yaml')}; then `wandb agent <id>` on each machine",
+             f"name: {sweep}", "program: benchmarks/sweep.py", "method: grid",
+             "command: [${env}, python, ${program}, run-one, " + json.dumps(sweep) + ", ${args}]", "parameters:",
+             "  label:", "    values: [" + ", ".join(json.dumps(v) for v in sw.variants) + "]",
+             "  dataset:", "    values: [" + ", ".join(json.dumps(d) for d in sw.datasets) + "]"]
+    path = ROOT / "results" / "sweeps" / f"{sweep}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclasses.dataclass
+class Cli:
+    action: tyro.conf.Positional[Literal["run", "run-one", "wandb", "list"]]
+    sweep: tyro.conf.Positional[str] = "cpu-hopper"
+    dry_run: bool = False
+    """print the commands without running them"""
+    label: str | None = None
+    """run-one: the variant to run"""
+    dataset: str | None = None
+    """run-one: the dataset to run it on"""
+
+
+def main(cli: Cli) -> None:
+    if cli.action == "list":
+        for name, sw in SWEEPS.items():
+            print(f"{name}: {len(sw.variants)} variants x {len(sw.datasets)} datasets, {sw.num_updates} updates, "
+                  f"{sw.num_seeds} seeds: {sw.description}")
+        return
+    if cli.sweep not in SWEEPS:
+        raise SystemExit(f"unknown sweep {cli.sweep!r}; known: {', '.join(SWEEPS)}")
+    if cli.action == "wandb":
+        print(f"wrote {wandb_sweep(cli.sweep).relative_to(ROOT)}")
+    elif cli.action == "run":
+        run(cli.sweep, cli.dry_run)
+    else:  # run-one: what a wandb agent calls for one grid point
+        sw = SWEEPS[cli.sweep]
+        if cli.label not in sw.variants or cli.dataset not in sw.datasets:
+            raise SystemExit(f"run-one needs --label in {list(sw.variants)} and --dataset in {sw.datasets}")
+        os.environ.setdefault("WANDB_MODE", "online")
+        sw = dataclasses.replace(sw, datasets=[cli.dataset], common_flags=sw.common_flags + " --track")
+        SWEEPS[cli.sweep] = sw
+        run(cli.sweep, only=[cli.label])
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Cli))
