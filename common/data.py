@@ -250,6 +250,8 @@ def _load_file(path: Path, name: str, source: str, spec_fields: dict | None = No
         for key, value in d4rl_spec_fields(d4rl_name).items():
             fields.setdefault(key, value)
 
+    if path.name in _ANTMAZE_V0_FILES:  # AntMaze v0 time-out fix (D4RL issue 77), see antmaze_v0_fix_timeouts
+        raw = antmaze_v0_fix_timeouts(raw, fields.get("max_episode_steps"), name=str(path))
     transitions = qlearning_transitions(raw, fields.get("max_episode_steps"), name=str(path))
     spec = EnvSpec(
         name=name,
@@ -324,6 +326,50 @@ def _inferred_timeouts(terminals: np.ndarray, max_episode_steps: int) -> np.ndar
             continue
         step = 1 if terminal else step + 1
     return timeouts
+
+
+# ---------------------------------------------------------------- AntMaze v0 time-out fix (begin)
+_ANTMAZE_V0_FILES = {D4RL_DATASETS[f"antmaze-{split}-v0"][0].split("/")[-1] for split in _ANTMAZE}
+ANTMAZE_DT = 0.1  # seconds per env step in D4RL's AntMaze (timestep 0.02 x frame_skip 5)
+ANTMAZE_JUMP = 0.5  # metres; within an episode the residual below stays under ~0.05
+
+
+def antmaze_v0_fix_timeouts(raw: dict[str, np.ndarray], max_episode_steps: int | None, name: str = "dataset") -> dict:
+    """AntMaze v0 files mark time-outs out of sync with the real episode ends (D4RL issue 77), so
+    some transitions `observations[i] -> observations[i + 1]` jump from the end of one episode to
+    the start of the next. A real boundary is where the ant's x, y move in one 0.1 s step by more
+    than its velocities allow: |xy[i+1] - xy[i] - dt (v[i] + v[i+1]) / 2| > ANTMAZE_JUMP, with
+    xy = obs[:, 0:2] and v = obs[:, 15:17] (D4RL's 29-D ant observation: qpos[:15], qvel[:14]; the
+    free joint's linear velocity is in the world frame). Those rows are added to `timeouts`, so
+    `qlearning_transitions` drops them; rows already flagged stay flagged (d4rl drops them too).
+    Files with stored `next_observations` are left alone (their transitions are right as stored)."""
+    obs = np.asarray(raw["observations"])
+    if "next_observations" in raw or obs.ndim != 2 or obs.shape[1] != 29 or obs.shape[0] < 2:
+        return raw
+    terminals = np.asarray(raw["terminals"]).reshape(-1).astype(bool)
+    if "timeouts" in raw:
+        timeouts = np.asarray(raw["timeouts"]).reshape(-1).astype(bool)
+    elif max_episode_steps is not None:
+        timeouts = _inferred_timeouts(terminals, max_episode_steps)
+    else:
+        timeouts = np.zeros(obs.shape[0], dtype=bool)
+    xy, v = obs[:, 0:2].astype(np.float64), obs[:, 15:17].astype(np.float64)
+    residual = np.linalg.norm(xy[1:] - xy[:-1] - ANTMAZE_DT * (v[1:] + v[:-1]) / 2, axis=1)
+    boundary = np.append(residual > ANTMAZE_JUMP, False)
+    new = boundary & ~timeouts
+    if new.any():
+        warnings.warn(
+            f"{name}: AntMaze v0 time-outs are out of sync with the episode ends (D4RL issue 77): "
+            f"{int(new.sum())} of {obs.shape[0]} rows jump to another episode without a time-out flag "
+            f"(the ant's x, y move more than physically possible in one step); those transitions are "
+            f"dropped. {int((timeouts & ~boundary).sum())} of the {int(timeouts.sum())} flagged time-outs "
+            "show no such jump (dropped as d4rl does).",
+            stacklevel=3,
+        )
+    return {**raw, "timeouts": timeouts | boundary}
+
+
+# ---------------------------------------------------------------- AntMaze v0 time-out fix (end)
 
 
 def validate(t: Transitions, name: str = "dataset") -> None:
