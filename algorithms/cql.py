@@ -64,7 +64,7 @@ import numpy as np
 import optax
 import tyro
 
-from common import data, evaluation, scores
+from common import data, evaluation, scores, sharding
 from common import logging as runlog
 
 ALGO = "cql"
@@ -512,6 +512,9 @@ def main(args: Args) -> dict:
                      resume_update=update_count if args.resume else None)
     np.savez(run_dir / "obs_stats.npz", mean=obs_mean, std=obs_std)  # what act() needs besides the actor
     print(f"{ALGO} on {spec.name} ({spec.source}; {raw.obs.shape[0]} transitions), seeds {seeds}, run dir {run_dir}")
+
+    # --- the seeds spread over every local device (e.g. the GPUs of one host; a no-op on one device)
+    dataset, state, train_keys = sharding.shard_seeds(args.num_seeds, dataset, state, train_keys)
 
     def policy(obs: np.ndarray) -> np.ndarray:
         return np.asarray(act(state.actor, jnp.asarray(obs), obs_mean, obs_std))
