@@ -196,7 +196,7 @@ def main(cfg: Config) -> None:
               "- `speed.md`: every speed measurement with its command.",
               "- `short_runs.md`: earlier smoke runs of each script.", ""]
     (results / "README.md").write_text("\n".join(lines))
-    print(f"wrote {(results / 'README.md').relative_to(ROOT)} ({sum(len(v) for v in by_sweep.values())} runs)")
+    print(f"wrote {results / 'README.md'} ({sum(len(v) for v in by_sweep.values())} runs)")
 
 
 if __name__ == "__main__":
