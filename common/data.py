@@ -144,12 +144,6 @@ def load(env: str, dataset_dir: str | os.PathLike | None = None, download: bool 
             if not download:
                 raise FileNotFoundError(f"{env}: {file} is missing. Download it from {url} and place it there.")
             download_file(url, file)
-        if env.startswith("antmaze") and env.endswith("-v0"):
-            warnings.warn(
-                f"{env}: AntMaze v0 files have time-outs out of sync with the real trajectory ends "
-                "(D4RL issue 77), so some transitions 'teleport'. Prefer the -v2 datasets.",
-                stacklevel=2,
-            )
         return _load_file(file, name=env, source="d4rl", spec_fields=d4rl_spec_fields(env))
     if "/" in env:
         return _load_minari(env, download)

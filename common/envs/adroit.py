@@ -37,16 +37,21 @@ reward and termination put back. Item by item:
 - Start states: **faithful in distribution**. Same initial joint state and the same uniform ranges for
   the door position, nail board height, object/target positions and pen target orientation; the
   random numbers differ from mujoco-py's, so a given seed gives a different start than D4RL's.
-- Dynamics: **approximate**. gymnasium-robotics' XML models are ports of D4RL's DAPG models run by
-  MuJoCo 3.11 instead of MuJoCo 2.0 through mujoco-py. Replaying the 25 door-human demonstrations
-  (clipped actions, from their recorded start states; `python -m common.door_human`) tracks the stored
-  observations closely but not exactly: continuous dimensions deviate by at most ~0.4 (the first
-  observation of a demo, arm roll) and the door opens a few steps earlier or later in some demos, so
-  the threshold bonuses of the reward (2/8/10) and the open flag switch at slightly different steps.
-  Per-episode returns differ from the stored ones by a median of a few percent, up to ~16 %
-  (numbers in `common/door_human.py`'s output). Returns in this env are therefore close to, not
-  identical with, what D4RL's env would give; D4RL's reference scores (common/scores.py) are used as
-  they are.
+- Dynamics: **approximate**. gymnasium-robotics' MJCF models are ports of D4RL's DAPG models (where
+  compared, the pen model and the shared assets - solver options, joint/geom defaults, tendons,
+  actuators - are the same, except the obsolete `apirate` option), but they run on MuJoCo 3.11
+  instead of MuJoCo 2.0 through mujoco-py, and contact-rich hand motion amplifies small differences.
+  Measured by replaying the 25 door-human demonstrations (clipped actions, from their recorded start
+  states; `python -m common.door_human`) against the observations and rewards stored with them:
+  median |observation deviation| 0.0016 (p99 0.18); the first observation of a demo deviates up to
+  0.51 in the arm/wrist joints (the stored first observation is not exactly the recorded start state);
+  later deviations reach 1.58 rad on single finger joints and 0.39 rad on the latch/door hinge; the
+  door-open flag differs on 47 of 6,729 steps. Per-step rewards: median |difference| 0.0005, but
+  0.9 % of steps differ by more than 0.1 (a threshold bonus 2/8/10 paid a step earlier or later).
+  Per-episode returns: median |difference| 0.3 %, 19 of 25 within 3 %, worst 12.8 %, 16.2 % and
+  37.9 % (demo 15: 700.9 replayed vs 508.3 stored; its door-open flag differs on 23 steps); mean
+  796.0 vs 794.1. Returns in this env are therefore close to, not identical with, what D4RL's env
+  gives; D4RL's reference scores (common/scores.py) are used as they are.
 """
 
 from __future__ import annotations

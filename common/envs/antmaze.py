@@ -192,8 +192,10 @@ class D4RLAntMaze(gym.Env):
         sim_reset = self.maze_env.maze.cell_rowcol_to_xy(self._flip(self.reset_cell))
         self.offset = d4rl_cell_xy(self.d4rl_map, *self.reset_cell) - sim_reset
         self.goal_centre = d4rl_cell_xy(self.d4rl_map, *self.goal_cell)
-        self.init_qpos = model.qpos0.copy()  # (0, 0, 0.75, 1, 0, 0, 0, 0, ...): D4RL's init_qpos
-        self.init_qpos[:2] = -self.offset  # D4RL (0, 0)
+        # D4RL's init_qpos / init_qvel (the model's qpos0: torso at (0, 0, 0.75), upright, joints at 0),
+        # with x, y read in D4RL's frame, where the start cell's centre is the origin
+        self.init_qpos = model.qpos0.copy()
+        assert np.allclose(self.init_qpos[:7], [0, 0, 0.75, 1, 0, 0, 0]) and not self.init_qpos[7:].any()
         self.init_qvel = np.zeros(NV)
 
         self.action_space = spaces.Box(-1.0, 1.0, shape=(8,), dtype=np.float32)
@@ -235,9 +237,7 @@ class D4RLAntMaze(gym.Env):
         self.maze_env.reset(seed=inner_seed, options={"goal_cell": self._flip(self.goal_cell),
                                                       "reset_cell": self._flip(self.reset_cell)})
         self._sync_target_site()
-        qpos = self.init_qpos.copy()
-        qpos[:2] += self.offset  # set_state takes D4RL coordinates
-        qpos = qpos + self.np_random.uniform(-0.1, 0.1, size=NQ)
+        qpos = self.init_qpos + self.np_random.uniform(-0.1, 0.1, size=NQ)  # d4rl AntEnv.reset_model
         qvel = self.init_qvel + 0.1 * self.np_random.standard_normal(NV)
         self.set_state(qpos, qvel)
         return self.get_obs(), {"goal": self.goal.copy()}

@@ -16,8 +16,10 @@ KitchenEnv and rebuilds D4RL's observation, reward and termination. Item by item
   also after a task is done). gymnasium-robotics' own observation (59-D: robot qpos + qvel, object
   qpos + qvel, plus a goal dict) is not used.
 - Observation noise: **faithful in distribution**. D4RL adds uniform noise of amplitude
-  0.1 x `pos_noise_amp` (franka_config.xml: 0.01 rad on the arm joints and fingers, 0.0005-0.01 on
+  0.1 x `pos_noise_amp` (franka_config.xml: 0.01 on the arm joints and fingers, 0.00005-0.01 on
   the objects) to every observed position, robot and objects (KitchenV0.robot_noise_ratio = 0.1).
+  gymnasium-robotics ships the same franka_config.xml values (position/velocity bounds and noise
+  amplitudes compared entry by entry with a copy of D4RL's adept_envs file).
   gymnasium-robotics defaults to 0.01 for the robot and 0.0005 for the objects (and takes the object
   amplitudes one entry off); here the robot env is built with robot_noise_ratio=0.1 and the object
   noise is drawn here with D4RL's ratio and entries. The random numbers themselves differ.
@@ -34,10 +36,16 @@ KitchenEnv and rebuilds D4RL's observation, reward and termination. Item by item
 - Start state: **faithful**: D4RL's fixed initial qpos (the same 30 numbers), zero velocity; only
   the observation noise is random.
 - Dynamics: **approximate**. gymnasium-robotics' kitchen MJCF (`kitchen_env_model.xml`) is a port of
-  D4RL's `franka_kitchen_jntpos_act_ab.xml`, run by MuJoCo 3.11 instead of MuJoCo 2.0 through
-  mujoco-py/dm_control; joint order, actuator gains (kp 870/120/500) and the 0.08 s control step match
-  what was checked here, but no D4RL kitchen trajectory could be replayed here to measure the
-  difference (the raw demos and D4RL's files are not reachable from this machine).
+  D4RL's `franka_kitchen_jntpos_act_ab.xml` run by MuJoCo 3.11 instead of MuJoCo 2.0 (mujoco-py /
+  dm_control). Compared here: the same scene (counters, oven, back wall, slide and hinge cabinets,
+  microwave and kettle at the same poses, robot base at (0, 0, 1.8)), the same keyframe and joint
+  order (D4RL's element indices), 2 ms timestep x 40 substeps. Differences seen: D4RL's welded mocap
+  body `vive_controller` is gone (no effect on the dynamics), and the robot's pedestal cylinder lost
+  its visual-only class (`panda_viz`), so in gymnasium-robotics it may collide. D4RL's Franka actuator
+  and joint files (adept's third_party/franka) could not be read here, so the actuator parameters
+  (kp 870 arm / 120 wrist / 500 fingers in gymnasium-robotics) are unverified, and no D4RL kitchen
+  trajectory could be replayed to measure the difference (neither the raw demonstrations nor D4RL's
+  files are reachable from this machine).
 - Info: `tasks_to_complete`, `step_task_completions`, `episode_task_completions` (as
   gymnasium-robotics names them, computed here) and `episode_success` (all tasks done).
 """
