@@ -10,6 +10,10 @@ Each domain module (`antmaze`, `adroit`, `kitchen`) exposes
 Importing this package registers every name as a gymnasium id, so `common.data` can describe an
 evaluation env as `eval_env_id="common.envs:antmaze-umaze-v2"` and `gymnasium.make` imports this
 package on demand.
+
+Where the legacy `d4rl` package (old gym + mujoco-py) is installed, it is used instead: it is the
+simulator the data came from, and the mappings here are faithful in layout but run MuJoCo 3.
+`$D4RL_EVAL_BACKEND` = auto (default) | legacy | gymnasium-robotics chooses explicitly.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import functools
 
 import gymnasium as gym
 
-from common.envs import adroit, antmaze, kitchen
+from common.envs import adroit, antmaze, kitchen, legacy
 
 DOMAINS = {"antmaze": antmaze, "adroit": adroit, "kitchen": kitchen}
 
@@ -28,7 +32,16 @@ def env_id(name: str) -> str:
     return f"common.envs:{name}"
 
 
+def make(name: str, **kwargs) -> gym.Env:
+    """The evaluation env of D4RL dataset `name`: legacy d4rl when installed (see above), else ours."""
+    if legacy.backend() == "legacy":
+        print(f"{name}: evaluating in the legacy d4rl env ($D4RL_EVAL_BACKEND=gymnasium-robotics to use ours)")
+        return legacy.LegacyD4RLEnv(name)
+    module = next(m for m in DOMAINS.values() if name in m.DATASETS)
+    return module.make(name, **kwargs)
+
+
 for _module in DOMAINS.values():
     for _name in _module.DATASETS:
         if _name not in gym.registry:
-            gym.register(id=_name, entry_point=functools.partial(_module.make, _name))
+            gym.register(id=_name, entry_point=functools.partial(make, _name))
