@@ -51,11 +51,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `common` imports from a checkout
 
 import equinox as eqx
 import jax

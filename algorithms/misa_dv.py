@@ -48,11 +48,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `common` imports from a checkout
 
 import blackjax
 import equinox as eqx

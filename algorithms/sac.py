@@ -34,12 +34,10 @@ import dataclasses
 import json
 import math
 import pickle
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `common` imports from a checkout
 
 import equinox as eqx
 import gymnasium as gym

@@ -12,17 +12,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import tyro  # noqa: E402
+import numpy as np
+import tyro
 
-from benchmarks import paper_scores  # noqa: E402
-from benchmarks import sweep as sweeps  # noqa: E402
+from benchmarks import paper_scores
+from benchmarks import sweep as sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {"td3_bc": "TD3+BC", "cql": "CQL", "misa": "MISA", "misa_dv": "MISA-DV", "misa_f": "MISA-f"}

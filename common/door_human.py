@@ -29,17 +29,14 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-from common import data, scores  # noqa: E402
-from common.envs import adroit  # noqa: E402
+from common import data, scores
+from common.envs import adroit
 
 DEMOS_NAME = "door-human-demos.npz"
 

@@ -52,11 +52,9 @@ import tyro
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-from algorithms import sac  # noqa: E402
-from common import data, evaluation  # noqa: E402
+from algorithms import sac
+from common import data, evaluation
 
 SPLITS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 NAMESPACE = "ours"
