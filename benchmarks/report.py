@@ -100,7 +100,8 @@ def sweep_section(name: str, runs: list[dict], results: Path) -> list[str]:
     total_h = sum(r["wall_time_s"] for r in runs) / 3600
     out += [f"- **Budget**: {budget(runs)}; flags of each variant in the commands below.",
             f"- **Machine**: {'; '.join(machines)}. Total wall time {total_h:.1f} h for {len(runs)} runs "
-            f"(each run trains all its seeds at once, vmapped).",
+            f"(each run trains all its seeds at once, vmapped). Code: commit "
+            f"{', '.join(sorted({(r.get('git_commit') or '?')[:7] for r in runs}))}.",
             f"- **Reproduce**: `python benchmarks/sweep.py run {name}` then `python benchmarks/report.py`.",
             f"- **Score**: final {runs[0]['metric']} (evaluation after the last update), mean ± std over seeds; "
             f"{'/'.join(str(e) for e in sorted({r['episodes_per_seed'] for r in runs}))} evaluation episodes per seed.", ""]
