@@ -49,7 +49,6 @@ Ablations (paper Table 2): --num-samples 5|20, --hmc-burnin 1, --no-unbiased (MI
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -63,7 +62,7 @@ import numpy as np
 import optax
 import tyro
 
-from common import data, evaluation, scores, sharding
+from common import data, evaluation, sharding
 from common import logging as runlog
 
 ALGO = "misa"
@@ -515,20 +514,9 @@ def main(args: Args) -> dict:
     keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.asarray(seeds))
     state, train_keys = init_v(keys[:, 0]), keys[:, 1]
     run_dir = Path(args.run_dir) if args.run_dir else runlog.default_run_dir(ALGO, args.env, args.seed)
-    update_count, history = 0, {"updates": [], "returns": []}
-    if args.resume:
-        saved = json.loads((run_dir / "config.json").read_text())["args"]
-        changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(args).items()
-                   if k not in ("resume", "num_updates", "track", "run_dir") and saved.get(k) != v}
-        if changed:
-            raise SystemExit(f"--resume with different settings than the run in {run_dir}: {changed}")
-        ckpt, _ = runlog.load_checkpoint(run_dir, {"state": state, "keys": train_keys, "update": jnp.int32(0)})
-        state, train_keys, update_count = ckpt["state"], ckpt["keys"], int(ckpt["update"])
-        saved_returns = np.load(run_dir / "returns.npz")
-        history = {"updates": list(saved_returns["updates"]), "returns": list(saved_returns["returns"])}
-        print(f"resuming {run_dir} at update {update_count}")
-    elif (run_dir / "checkpoint.eqx").exists():
-        raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    ckpt, update_count, history = runlog.resume_or_start(
+        run_dir, args, {"state": state, "keys": train_keys, "update": jnp.int32(0)})
+    state, train_keys = ckpt["state"], ckpt["keys"]
     run = runlog.Run(run_dir, args, seeds, args.track, args.wandb_project,
                      resume_update=update_count if args.resume else None)
     np.savez(run_dir / "obs_stats.npz", mean=obs_mean, std=obs_std)  # what act() needs besides the actor
@@ -551,15 +539,7 @@ def main(args: Args) -> dict:
         run.log("train", update_count, {k: v.mean(axis=1) for k, v in metrics.items() if k != "params_finite"})
 
         if update_count % args.eval_every == 0 or update_count == args.num_updates:
-            returns, lengths = evaluator.run(policy)
-            history["updates"].append(update_count)
-            history["returns"].append(returns)
-            eval_metrics = {"return": returns.mean(1), "episode_length": lengths.mean(1)}
-            if spec.ref_min_score is not None:
-                eval_metrics["score"] = scores.normalized(returns, spec.ref_min_score, spec.ref_max_score, spec.name).mean(1)
-            run.log("eval", update_count, eval_metrics)
-            runlog.save_npz(run_dir / "returns.npz", updates=np.asarray(history["updates"]),
-                            returns=np.stack(history["returns"]))
+            eval_metrics = runlog.record_evaluation(*evaluator.run(policy), spec, update_count, history, run, run_dir)
             runlog.save_checkpoint(run_dir, {"state": state, "keys": train_keys, "update": jnp.int32(update_count)},
                                    {"update": update_count, "seeds": seeds})
             bar.set_postfix({k: f"{v.mean():.1f}" for k, v in eval_metrics.items() if k != "episode_length"})

@@ -8,8 +8,9 @@ A run directory holds:
   checkpoint.eqx the agents (all seeds stacked) at the last evaluation, + checkpoint.json
   results.json   final normalised score per seed, mean and std
 
-`check_finite` (stop at the first NaN/inf loss or parameter, naming seed and update) and `report`
-(the final table) are shared by every algorithm script.
+`resume_or_start` (a new run directory, or the state of an interrupted one), `record_evaluation`
+(log + returns.npz), `check_finite` (stop at the first NaN/inf loss or parameter, naming seed and
+update) and `report` (the final table) are shared by every algorithm script.
 """
 
 from __future__ import annotations
@@ -156,6 +157,42 @@ def load_checkpoint(run_dir: Path, like: Any) -> tuple[Any, dict]:
         raise FileNotFoundError(f"no checkpoint in {run_dir}; nothing to resume (start without --resume)")
     info = json.loads((Path(run_dir) / "checkpoint.json").read_text())
     return eqx.tree_deserialise_leaves(path, like), info
+
+
+def resume_or_start(run_dir: Path, args: Any, like: Any) -> tuple[Any, int, dict]:
+    """(checkpointed pytree, update count, evaluation history) of the interrupted run in `run_dir`
+    when `args.resume`, else (`like`, 0, empty history) after checking `run_dir` holds no run.
+    Resuming with other settings than the saved ones (besides the budget and logging) is refused."""
+    history: dict[str, list] = {"updates": [], "returns": []}
+    if not args.resume:
+        if (run_dir / "checkpoint.eqx").exists():
+            raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        return like, 0, history
+    saved = json.loads((run_dir / "config.json").read_text())["args"]
+    changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(args).items()
+               if k not in ("resume", "num_updates", "track", "run_dir") and saved.get(k) != v}
+    if changed:
+        raise SystemExit(f"--resume with different settings than the run in {run_dir}: {changed}")
+    tree, _ = load_checkpoint(run_dir, like)
+    saved_returns = np.load(run_dir / "returns.npz")
+    history = {"updates": list(saved_returns["updates"]), "returns": list(saved_returns["returns"])}
+    update_count = int(tree["update"])
+    print(f"resuming {run_dir} at update {update_count}")
+    return tree, update_count, history
+
+
+def record_evaluation(returns: np.ndarray, lengths: np.ndarray, spec: EnvSpec, update_count: int,
+                      history: dict, run: "Run", run_dir: Path) -> dict[str, np.ndarray]:
+    """Append one evaluation ((seeds, episodes) returns and lengths) to the history, eval.csv and
+    returns.npz; returns its per-seed metrics."""
+    history["updates"].append(update_count)
+    history["returns"].append(returns)
+    metrics = {"return": returns.mean(1), "episode_length": lengths.mean(1)}
+    if spec.ref_min_score is not None:
+        metrics["score"] = scores.normalized(returns, spec.ref_min_score, spec.ref_max_score, spec.name).mean(1)
+    run.log("eval", update_count, metrics)
+    save_npz(run_dir / "returns.npz", updates=np.asarray(history["updates"]), returns=np.stack(history["returns"]))
+    return metrics
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
