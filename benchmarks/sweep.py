@@ -145,8 +145,9 @@ def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: floa
     }
 
 
-def run(sweep: str, dry_run: bool = False, only: list[str] | None = None) -> None:
-    sw = SWEEPS[sweep]
+def run(sweep: str, dry_run: bool = False, only: list[str] | None = None, sw: Sweep | None = None) -> None:
+    """Run the named sweep (or `sw`, a variation of it, stored under the same name)."""
+    sw = sw or SWEEPS[sweep]
     where = machine()
     pairs = [(label, ds) for ds in sw.datasets for label in sw.variants if not only or label in only]
     for i, (label, dataset) in enumerate(pairs, 1):
@@ -221,8 +222,7 @@ def main(cli: Cli) -> None:
             raise SystemExit(f"run-one needs --label in {list(sw.variants)} and --dataset in {sw.datasets}")
         os.environ.setdefault("WANDB_MODE", "online")
         sw = dataclasses.replace(sw, datasets=[cli.dataset], common_flags=sw.common_flags + " --track")
-        SWEEPS[cli.sweep] = sw
-        run(cli.sweep, only=[cli.label])
+        run(cli.sweep, only=[cli.label], sw=sw)
 
 
 if __name__ == "__main__":
