@@ -7,34 +7,68 @@ by its linear upper bound log x <= x / e,
 
 the loosest of the three (Theorem 4.1: I_MISA-DV >= I_MISA-f). Its actor gradient is
     grad E_{s,a} exp(Q - 1) = (1/B) sum_b Z_b / e * E_{a~p(.|s_b)}[grad log pi(a|s_b)],  Z_b = E_pi exp Q(s_b, .),
-so each state's HMC correction is weighted by its (unnormalised) partition function. Because the
-bound is exponential in Q, it needs Q to stay moderate; the NaN guard stops the run otherwise.
+so each state's HMC correction is weighted by its (unnormalised) partition function. The bound is
+exponential in Q: where log E_pi exp Q exceeds 30 it is taken at Q minus a batch constant (see
+`mi_bound`), so it stays finite for critics in the thousands.
 `diff algorithms/misa.py algorithms/misa_f.py` shows exactly this change.
 
 Where each equation lives:  mi_bound (the bound, the only section that differs in misa_dv.py and
 misa_f.py) -> critic_loss (Eq. 12) -> sample_improved_actions (HMC for p) -> actor_loss (Eq. 13 + 15).
 
-Choices (paper where explicit, official code where the paper is silent):
-- Paper: ELU after every hidden layer (actor and critics; the official actor uses ReLU), 256-256
-  (3 x 256 for AntMaze), Adam with a cosine schedule, learning rate 1e-4 for actor and critics
-  (official: 1e-4 / 3e-4 without schedule), K = 50 samples, HMC with 5 burn-in and 2 leapfrog
-  steps and step size 1, Lagrange budget tau = 10 (AntMaze), 3 (Adroit, Kitchen), off for
-  locomotion, AntMaze reward (r - 0.5) * 4, 10 evaluation episodes (AntMaze 100).
-- Official code: gamma_1 = min_q_weight = 5, temperature 1; the log-mean-exp runs over the K
-  current-policy actions only; actor loss
+Fidelity rule: the paper where it is explicit, the official code where the paper is silent; each
+choice below names its source, and each difference is a flag. tests/test_official_parity.py checks,
+with these flags set to the official values, that every loss, loss part and gradient of one update
+equals the official code's (relative error 1e-5, recorded fixtures).
+- Paper: ELU after every hidden layer (actor and critics; the official actor uses ReLU:
+  --actor-activation relu), 256-256 (3 x 256 for AntMaze), Adam with a cosine schedule, learning rate
+  1e-4 for actor and critics (official: 1e-4 / 3e-4 without schedule: --critic-lr 3e-4
+  --no-cosine-schedule), K = 50 samples, HMC with 5 burn-in and 2 leapfrog steps and step size 1,
+  Lagrange budget tau = 10 (AntMaze), 3 (Adroit, Kitchen), off for locomotion, AntMaze reward
+  (r - 0.5) * 4, 10 evaluation episodes (AntMaze 100). The actor is updated after the critics and
+  sees the updated critic (Algorithm 1; official: every loss at the pre-update parameters,
+  --actor-sees pre-update).
+- Official code (the paper is silent): gamma_1 = min_q_weight = 5, temperature 1; the log-mean-exp
+  runs over the K current-policy actions only; actor loss
       bc_weight (alpha log pi(a_new|s) - log pi(a_data|s)) - min_i Q_i(s, a_new) + unbiased_weight log pi(a_mcmc|s)
   with bc_weight 0.5 and unbiased_weight 0.1 (so the two halves of Eq. 15 are weighted differently);
-  automatic entropy tuning (target -|A|); no entropy term in the TD target; next actions sampled
-  from the current policy; policy log-std = raw - 1 clipped to [-5, 2]; dataset actions clipped
-  to +-0.999 before their log-probability; K samples of *one* chain per state.
-- Ours: the log-mean-exp subtracts log K (the official code subtracts log(batch size): a constant,
-  same gradients, different logged values). Keys are threaded (no global RNG), so seeds vmap.
-- HMC runs in the pre-tanh space u (a = tanh u). There the target is N(u; mu, sigma) exp Q(s, tanh u):
-  the tanh Jacobian of pi and of p cancel, so the density is exact and a proposal can never leave
-  (-1, 1) (the official code samples a directly, where log pi is undefined outside (-1, 1)).
-  The mass matrix is the policy's own covariance (inverse mass = sigma(s)^2), so "step size 1"
-  means one policy standard deviation. `--hmc-chains parallel` runs K independent chains per state
-  (burn-in, then one sample each) instead of one chain giving K successive samples.
+  automatic entropy tuning (target -|A|, learning rate of the actor, no schedule); no entropy term
+  in the TD target; next actions sampled from the current policy; initialisation of flax's Dense
+  (lecun-normal kernels, zero biases, last layers variance-scaling 1e-2; --init equinox for
+  equinox's); the policy's log-std = clip(scale * raw + shift, -5, 2) with *trainable* scalars
+  scale (start 1) and shift (start -1) (--no-learn-log-std-affine freezes them), mean clipped to
+  [-9, 9]; dataset actions clipped to +-0.999 before their log-probability; K samples of *one*
+  chain per state, started at the dataset action. Lagrange (when on): the log multiplier starts at
+  1.0 (multiplier e, --lagrange-init), is clipped to [0, 1e6] after exp, trained by Adam at the
+  official critic learning rate 3e-4 without schedule (--lagrange-lr), with loss
+  -multiplier * gamma_1 * mean_i(regulariser_i - tau), and the critic loss carries
+  multiplier * gamma_1 * (regulariser_i - tau).
+- Ours, where the official code is not what it intends or cannot be vmapped:
+  - the log-mean-exp subtracts log K (a mean over the K samples; official: log of the batch size,
+    --lse-norm batch): a constant, same gradients, values higher by log(B / K). The Lagrange
+    budget tau is compared with the official log-B form either way, so tau = 10 / 3 constrains
+    what it constrained for the paper's numbers;
+  - keys are threaded (no global RNG), so seeds vmap; every normal draw of an update is made in
+    `update` (`Noise`) and passed to the losses, which are deterministic;
+  - HMC runs in the pre-tanh space u (a = tanh u). There the target is N(u; mu, sigma) exp Q(s, tanh u):
+    the tanh Jacobians of pi and p cancel, so the density is exact and a proposal can never leave
+    (-1, 1). The official kernel (tfp HMC in action space, step 1, identity mass) leaves (-1, 1),
+    where log pi is undefined, on almost every proposal and never accepts one: its "samples" are the
+    dataset actions, and its correction term is a lower BC weight (README). --correction dataset
+    trains exactly that, the objective behind the published numbers;
+  - the mass matrix is the policy's own covariance (inverse mass = sigma(s)^2), so "step size 1"
+    means one policy standard deviation (--hmc-step-size). With a fixed step, acceptance falls as Q
+    sharpens (0.74 / 0.09 / 0.01 for Q 1x / 10x / 30x as sharp as log pi), so the step adapts
+    (--hmc-adapt, default): during each chain's burn-in, log step += rate * (acceptance - target)
+    (the rule of tfp's SimpleStepSizeAdaptation, which the official code meant to use, in log space;
+    blackjax's dual averaging assumes a long warm-up that converges to one value, not 5 steps per
+    update on a target that sharpens through training), and each update's chains start from the
+    previous batch's mean adapted step (`AgentState.hmc_log_step`). The kept samples use a fixed
+    step, so each chain is a valid Markov chain. Acceptance and step are logged;
+  - `--hmc-chains parallel` runs K independent chains per state (burn-in, then one sample each),
+    started at an exp(Q)-weighted resample of the K policy actions (an importance sample of p):
+    started at the dataset action, 5 burn-in steps did not forget the start (mean errors up to 3.7 std).
+  - MISA-f (misa_f.py) takes its exponential bound at Q minus a batch constant where
+    log E_pi exp Q > 30, so it stays finite for trained critics (see its `mi_bound`).
 
 Usage:
     python algorithms/misa_f.py                                  # embedded dataset, 5 seeds
@@ -138,7 +172,8 @@ class Args:
     """the bound is applied to Q / temperature and rescaled (official code: 1)"""
     lagrange_tau: float | None = None
     """Lagrange budget tau: adapt gamma_1 so the regulariser stays near tau (default: domain preset;
-    AntMaze 10, Adroit/Kitchen 3, locomotion off); a negative value turns it off"""
+    AntMaze 10, Adroit/Kitchen 3, locomotion off); a negative value turns it off. Compared with the
+    official code's log-B-normalised regulariser, as for the paper's numbers (see --lse-norm)"""
     bc_weight: float = 0.5
     """gamma_2 on the actor's E_D[log pi(a|s)] (and entropy) term (official code)"""
     unbiased: bool = True
@@ -150,13 +185,45 @@ class Args:
     no_ba: bool = False
     """ablation no-BA: drop the E_D[log pi(a|s)] term of the actor"""
     hmc_burnin: int = 5
-    """HMC burn-in steps per chain"""
+    """HMC burn-in steps per chain (the step size adapts during them, with --hmc-adapt)"""
     hmc_leapfrog: int = 2
     """leapfrog steps per HMC step"""
     hmc_step_size: float = 1.0
-    """leapfrog step size, in units of the policy's standard deviation"""
+    """leapfrog step size in units of the policy's standard deviation (paper: 1); with --hmc-adapt,
+    the step the first update's chains start from"""
+    hmc_adapt: bool = True
+    """adapt the step size toward --hmc-target-accept: during each chain's burn-in, and across updates
+    (each update's chains start from the last batch's adapted step); --no-hmc-adapt keeps it fixed"""
+    hmc_target_accept: float = 0.75
+    """acceptance rate the step-size adaptation aims at"""
+    hmc_adapt_rate: float = 0.5
+    """log step size += rate * (acceptance - target) per burn-in step"""
     hmc_chains: Literal["sequential", "parallel"] = "sequential"
-    """sequential: one chain per state gives K successive samples (official); parallel: K chains per state"""
+    """sequential: one chain per state, started at the dataset action, gives K successive samples
+    (official); parallel: K chains per state, started at an exp(Q)-weighted resample of the K policy
+    actions, one sample each (fewer sequential steps: faster on a GPU)"""
+    correction: Literal["hmc", "dataset"] = "hmc"
+    """samples of p for the Eq. 15 correction: hmc (the paper) or dataset, the dataset action K times:
+    what the official code effectively trains, since its sampler never accepts a move (README)"""
+
+    # --- Fidelity: paper vs official code where they differ (module docstring, "Choices") ---
+    init: Literal["official", "equinox"] = "official"
+    """network initialisation: official (flax Dense: lecun-normal kernels, zero biases, last layer
+    variance-scaling 1e-2) or equinox's default (uniform +-1/sqrt(fan_in), biases too)"""
+    actor_activation: Literal["elu", "relu"] = "elu"
+    """hidden activation of the actor (paper: ELU everywhere; the official actor uses ReLU)"""
+    learn_log_std_affine: bool = True
+    """train the scalar scale (start 1) and shift (start -1) of the actor's log-std, as the official policy does"""
+    actor_sees: Literal["updated", "pre-update"] = "updated"
+    """critic the actor and the HMC target use: the one just updated (paper, Algorithm 1) or the
+    pre-update one (official: all losses at the same parameters)"""
+    lse_norm: Literal["samples", "batch"] = "samples"
+    """log E_pi exp Q as logsumexp - log K (samples: the mean, paper) or - log B (batch size: official
+    code); a constant (same gradients); the Lagrange budget is in the official units either way"""
+    lagrange_init: float = 1.0
+    """initial log of the Lagrange multiplier (official: 1.0, i.e. a multiplier of e)"""
+    lagrange_lr: float = 3e-4
+    """Adam learning rate of the Lagrange multiplier, constant (official: the critic learning rate, 3e-4)"""
 
 
 # Per-domain settings that differ from the defaults above (paper, Section 5 and Appendix; official code).
@@ -202,6 +269,8 @@ def check_args(args: Args) -> None:
         problems.append("--resume needs --run-dir pointing at the interrupted run")
     if args.num_samples < 1 or args.hmc_leapfrog < 1 or args.hmc_burnin < 0:
         problems.append("--num-samples and --hmc-leapfrog must be >= 1 and --hmc-burnin >= 0")
+    if args.hmc_step_size <= 0 or args.hmc_adapt_rate < 0 or not 0 < args.hmc_target_accept < 1:
+        problems.append("--hmc-step-size must be > 0, --hmc-adapt-rate >= 0 and --hmc-target-accept in (0, 1)")
     if args.ba_only and args.no_ba:
         problems.append("--ba-only and --no-ba exclude each other")
     if problems:
@@ -209,22 +278,48 @@ def check_args(args: Args) -> None:
 
 
 # ============================================================================ Networks
-def mlp(in_dim: int, out_dim: int | str, args: Args, key: jax.Array) -> eqx.nn.MLP:
-    return eqx.nn.MLP(in_dim, out_dim, args.hidden_dim, depth=args.num_layers, activation=jax.nn.elu, key=key)
+def mlp(in_dim: int, out_dim: int | str, args: Args, activation, key: jax.Array) -> eqx.nn.MLP:
+    """Hidden layers of --hidden-dim; --init official is flax's Dense default (the official code's):
+    lecun-normal kernels and zero biases, the last layer variance-scaling(1e-2, fan-in, uniform)."""
+    init_key, key = jax.random.split(key)
+    net = eqx.nn.MLP(in_dim, out_dim, args.hidden_dim, depth=args.num_layers, activation=activation, key=key)
+    if args.init == "equinox":
+        return net
+    keys = jax.random.split(init_key, len(net.layers))
+    hidden = jax.nn.initializers.lecun_normal()
+    last = jax.nn.initializers.variance_scaling(1e-2, "fan_in", "uniform")
+    layers = [eqx.tree_at(lambda l: (l.weight, l.bias), layer,  # flax kernels are (in, out), equinox's (out, in)
+                          ((last if i == len(net.layers) - 1 else hidden)(k, layer.weight.shape[::-1]).T,
+                           jnp.zeros_like(layer.bias)))
+              for i, (layer, k) in enumerate(zip(net.layers, keys))]
+    return eqx.tree_at(lambda n: n.layers, net, tuple(layers))
+
+
+ACTIVATIONS = {"elu": jax.nn.elu, "relu": jax.nn.relu}
 
 
 class Actor(eqx.Module):
-    """Tanh-Gaussian policy on one (unbatched) observation: u ~ N(mu(s), sigma(s)^2), a = tanh(u)."""
+    """Tanh-Gaussian policy on one (unbatched) observation: u ~ N(mu(s), sigma(s)^2), a = tanh(u).
+    log sigma = clip(scale * raw + shift, -5, 2) with the official policy's trainable scalars
+    (scale 1, shift -1 at the start; frozen there with --no-learn-log-std-affine)."""
 
     net: eqx.nn.MLP
+    log_std_scale: jax.Array
+    log_std_shift: jax.Array
+    learn_affine: bool = eqx.field(static=True)
 
     def __init__(self, obs_dim: int, act_dim: int, args: Args, *, key: jax.Array):
-        self.net = mlp(obs_dim, 2 * act_dim, args, key)
+        self.net = mlp(obs_dim, 2 * act_dim, args, ACTIVATIONS[args.actor_activation], key)
+        self.log_std_scale, self.log_std_shift = jnp.ones(()), -jnp.ones(())
+        self.learn_affine = args.learn_log_std_affine
 
     def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(mu, log_std) of the pre-tanh Gaussian."""
         mu, raw = jnp.split(self.net(obs), 2)
-        return jnp.clip(mu, -9.0, 9.0), jnp.clip(raw - 1.0, -5.0, 2.0)
+        scale, shift = self.log_std_scale, self.log_std_shift
+        if not self.learn_affine:
+            scale, shift = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(shift)
+        return jnp.clip(mu, -9.0, 9.0), jnp.clip(scale * raw + shift, -5.0, 2.0)
 
 
 def gaussian_log_prob(u: jax.Array, mu: jax.Array, log_std: jax.Array) -> jax.Array:
@@ -236,15 +331,21 @@ def tanh_log_det(u: jax.Array) -> jax.Array:
     return jnp.sum(2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u)), axis=-1)
 
 
-def log_prob_u(mu: jax.Array, log_std: jax.Array, u: jax.Array) -> jax.Array:
+def tanh_gaussian_log_prob(u: jax.Array, mu: jax.Array, log_std: jax.Array) -> jax.Array:
     """log pi(a|s) at a = tanh(u)."""
     return gaussian_log_prob(u, mu, log_std) - tanh_log_det(u)
 
 
-def sample_actions(mu: jax.Array, log_std: jax.Array, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-    """n reparameterised samples for one state: actions (n, A) and their log pi (n,)."""
-    u = mu[None] + jnp.exp(log_std)[None] * jax.random.normal(key, (n,) + mu.shape)
-    return jnp.tanh(u), jax.vmap(log_prob_u, in_axes=(None, None, 0))(mu, log_std, u)
+def reparameterise(mu: jax.Array, log_std: jax.Array, eps: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Policy samples from standard-normal draws eps (mu, log_std broadcast against eps):
+    pre-tanh u = mu + sigma eps, action tanh(u), and log pi(tanh u | s)."""
+    u = mu + jnp.exp(log_std) * eps
+    return u, jnp.tanh(u), tanh_gaussian_log_prob(u, mu, log_std)
+
+
+def pre_tanh(action: jax.Array) -> jax.Array:
+    """u = atanh(a), dataset actions clipped to +-0.999 first (official code), so u stays finite."""
+    return jnp.arctanh(jnp.clip(action, -0.999, 0.999))
 
 
 class Critic(eqx.Module):
@@ -253,7 +354,8 @@ class Critic(eqx.Module):
     nets: eqx.nn.MLP
 
     def __init__(self, obs_dim: int, act_dim: int, args: Args, *, key: jax.Array):
-        self.nets = eqx.filter_vmap(lambda k: mlp(obs_dim + act_dim, "scalar", args, k))(jax.random.split(key, 2))
+        make = lambda k: mlp(obs_dim + act_dim, "scalar", args, jax.nn.elu, k)
+        self.nets = eqx.filter_vmap(make)(jax.random.split(key, 2))
 
     def __call__(self, obs: jax.Array, action: jax.Array) -> jax.Array:
         x = jnp.concatenate([obs, action])
@@ -268,7 +370,8 @@ class AgentState(eqx.Module):
     critic: Critic
     critic_target: Critic
     log_alpha: jax.Array  # SAC entropy temperature
-    log_gamma: jax.Array  # Lagrange multiplier on gamma_1 (used when lagrange_tau > 0)
+    log_gamma: jax.Array  # log of the Lagrange multiplier on gamma_1 (used when lagrange_tau > 0)
+    hmc_log_step: jax.Array  # log HMC step size (policy-std units) the chains start from; adapted when --hmc-adapt
     actor_opt: optax.OptState
     critic_opt: optax.OptState
     alpha_opt: optax.OptState
@@ -282,30 +385,63 @@ class Optimisers(NamedTuple):  # closed over by the update, never stored in the 
     gamma: optax.GradientTransformation
 
 
+class Noise(NamedTuple):
+    """The standard-normal draws of one update: every random policy action comes from these, so the
+    losses are deterministic functions of (parameters, batch, noise, HMC samples), checkable
+    against another implementation (tests/test_official_parity.py)."""
+
+    next: jax.Array  # (B, A): next action of the TD target
+    policy: jax.Array  # (B, K, A): the K policy actions per state of the regulariser
+    new: jax.Array  # (B, A): the reparameterised action of the actor and temperature losses
+
+
+def draw_noise(key: jax.Array, batch_size: int, num_samples: int, act_dim: int) -> Noise:
+    k_next, k_policy, k_new = jax.random.split(key, 3)
+    return Noise(next=jax.random.normal(k_next, (batch_size, act_dim)),
+                 policy=jax.random.normal(k_policy, (batch_size, num_samples, act_dim)),
+                 new=jax.random.normal(k_new, (batch_size, act_dim)))
+
+
 # ============================================================================ MISA objective
 def mi_bound(q_samples: jax.Array, q_data: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
     """The Q-dependent part of I_MISA-f and the weights of its policy-gradient estimator.
 
     q_samples (B, K): Q(s_b, a_bk), a_bk ~ pi(.|s_b);  q_data (B,): Q(s_b, a_b), (s_b, a_b) ~ D.
     Returns
-      regulariser = E_{s,a~pi}[exp(Q - 1)] - E_D[Q]   (f-divergence bound), and
-      weights (B,): grad E_{s,a~pi} exp(Q - 1) = sum_b weights_b E_{a~p(.|s_b)}[grad log pi(a|s_b)];
+      regulariser = E_{s,a~pi}[exp(T - 1)] - E_D[T]   (f-divergence bound) with T = Q, and
+      weights (B,): grad E_{s,a~pi} exp(T - 1) = sum_b weights_b E_{a~p(.|s_b)}[grad log pi(a|s_b)];
       for MISA-f, weights_b = temperature * E_pi exp(Q(s_b, .) / temperature - 1) / B.
+    exp(Q - 1) overflows float32 once Q > 89, and trained critics reach hundreds. The bound holds for
+    any T, so it is taken at T = Q - c, c = max(0, max_b log E_pi exp Q(s_b, .) - 30), a batch constant
+    without gradient: exactly MISA-f while every log E_pi exp Q <= 30, finite for any Q beyond
+    (the regulariser's push-down on Q is then scaled by e^-c). Computed from log E_pi exp Q (logsumexp).
     """
     t = temperature
-    partition = t * jnp.exp(q_samples / t - 1.0).mean()  # t E_{s,a} exp(Q/t - 1), scalar
-    log_z_state = jax.nn.logsumexp(q_samples / t, axis=1) - jnp.log(q_samples.shape[1])  # (B,)
-    weights = t * jnp.exp(log_z_state - 1.0) / q_samples.shape[0]
-    return partition - q_data.mean(), weights
+    log_z_state = jax.nn.logsumexp(q_samples / t, axis=1) - jnp.log(q_samples.shape[1])  # log E_pi exp(Q/t), (B,)
+    c = jax.lax.stop_gradient(jnp.maximum(0.0, log_z_state.max() - 30.0))  # 0 unless Q / t is large
+    partition = t * jnp.exp(log_z_state - 1.0 - c).mean()  # t E_{s,a} exp(T/t - 1), scalar
+    weights = t * jnp.exp(log_z_state - 1.0 - c) / q_samples.shape[0]
+    return partition - q_data.mean() + t * c, weights
+
+
+def official_norm_shift(args: Args) -> float:
+    """The official regulariser minus ours: its log-mean-exp subtracts log B (the batch size) where
+    the mean over K samples subtracts log K. A constant: same gradients, other values and budgets."""
+    return args.temperature * float(np.log(args.num_samples) - np.log(args.batch_size))
+
+
+def lagrange_budget(args: Args) -> float:
+    """The Lagrange budget tau in the units of the regulariser we compute. tau is compared with the
+    official code's log-B form (what the paper's tau = 10 / 3 constrained), whatever --lse-norm."""
+    return args.lagrange_tau - (official_norm_shift(args) if args.lse_norm == "samples" else 0.0)
 
 
 def critic_loss(critic: Critic, batch: data.Transitions, actor: Actor, critic_target: Critic, gamma_1: jax.Array,
-                key: jax.Array, args: Args) -> tuple[jax.Array, dict]:
-    """Eq. 12: TD error + gamma_1 * (E_s[log E_pi exp Q] - E_D[Q]) for each of the two critics."""
-    next_key, sample_key = jax.random.split(key)
-    B, K = batch.obs.shape[0], args.num_samples
+                budget: float | jax.Array, noise: Noise, args: Args) -> tuple[jax.Array, tuple[dict, dict]]:
+    """Eq. 12: TD error + gamma_1 * (E_s[log E_pi exp Q] - E_D[Q] - budget) for each of the two critics
+    (budget: the Lagrange budget, 0 without Lagrange). Returns (loss, (metrics, extras))."""
     next_mu, next_log_std = jax.vmap(actor)(batch.next_obs)
-    next_action = jax.vmap(lambda m, s, k: sample_actions(m, s, k, 1)[0][0])(next_mu, next_log_std, jax.random.split(next_key, B))
+    _, next_action, _ = reparameterise(next_mu, next_log_std, noise.next)
     next_q = jax.vmap(critic_target)(batch.next_obs, next_action).min(axis=-1)
     target = jax.lax.stop_gradient(batch.reward + args.discount * (1.0 - batch.done) * next_q)
     q_data = jax.vmap(critic)(batch.obs, batch.action)  # (B, 2)
@@ -313,68 +449,112 @@ def critic_loss(critic: Critic, batch: data.Transitions, actor: Actor, critic_ta
 
     # K policy actions per state (constants for the critic), Q of both critics at each
     mu, log_std = jax.lax.stop_gradient(jax.vmap(actor)(batch.obs))
-    actions, _ = jax.vmap(lambda m, s, k: sample_actions(m, s, k, K))(mu, log_std, jax.random.split(sample_key, B))
+    u_policy, actions, _ = reparameterise(mu[:, None], log_std[:, None], noise.policy)  # (B, K, A)
     q_samples = jax.vmap(jax.vmap(critic, in_axes=(None, 0)))(batch.obs, actions)  # (B, K, 2)
     regs = jnp.stack([mi_bound(q_samples[..., i], q_data[:, i], args.temperature)[0] for i in range(2)])
-    loss = td + gamma_1 * regs.sum()
-    return loss, {"critic_loss": loss, "td_loss": td, "mi_regulariser": regs.mean(), "q_data": q_data.mean(),
-                  "q_policy": q_samples.mean(), "q_samples_min": q_samples.min(axis=-1)}
+    regs = regs + (official_norm_shift(args) if args.lse_norm == "batch" else 0.0)
+    loss = td + gamma_1 * (regs - budget).sum()
+    metrics = {"critic_loss": loss, "td_loss": td, "mi_regulariser": regs.mean(), "q_data": q_data.mean(),
+               "q_policy": q_samples.mean()}
+    return loss, (metrics, {"gaps": regs - budget, "q_samples_min": q_samples.min(axis=-1), "u_policy": u_policy})
 
 
-def sample_improved_actions(actor: Actor, critic: Critic, obs: jax.Array, action: jax.Array, key: jax.Array,
-                            args: Args) -> tuple[jax.Array, jax.Array]:
+def lagrange_loss(log_gamma: jax.Array, gaps: jax.Array, args: Args) -> jax.Array:
+    """The multiplier grows while the regulariser exceeds its budget (gaps > 0) and shrinks below it
+    (official form: mean over the two critics, multiplier clipped to [0, 1e6])."""
+    return -jnp.clip(jnp.exp(log_gamma), 0.0, 1e6) * args.min_q_weight * jax.lax.stop_gradient(gaps).mean()
+
+
+def improved_log_density(u: jax.Array, obs: jax.Array, mu: jax.Array, log_std: jax.Array, critic: Critic,
+                         temperature: float) -> jax.Array:
+    """log p(u|s) + const, p(u|s) ∝ N(u; mu, sigma) exp(min_i Q_i(s, tanh u) / temperature): in the
+    pre-tanh space the tanh Jacobians of pi and p cancel, and every u is a valid action."""
+    return gaussian_log_prob(u, mu, log_std) + critic(obs, jnp.tanh(u)).min() / temperature
+
+
+def hmc_chain(log_density, start: jax.Array, inverse_mass: jax.Array, log_step: jax.Array, key: jax.Array,
+              num_samples: int, args: Args) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One blackjax HMC chain: --hmc-burnin steps, during which (with --hmc-adapt) the log step size
+    moves toward --hmc-target-accept, then `num_samples` steps at the adapted step, kept.
+    Returns positions (num_samples, A), their acceptance rates, and the adapted log step."""
+    kernel = blackjax.hmc.build_kernel()
+    burn_key, draw_key = jax.random.split(key)
+
+    def burn_in_step(carry, k):  # Robbins-Monro in log step size (tfp's SimpleStepSizeAdaptation rule)
+        state, log_step = carry
+        state, info = kernel(k, state, log_density, jnp.exp(log_step), inverse_mass, args.hmc_leapfrog)
+        if args.hmc_adapt:
+            accept = jnp.where(jnp.isfinite(info.acceptance_rate), info.acceptance_rate, 0.0)
+            log_step = jnp.clip(log_step + args.hmc_adapt_rate * (accept - args.hmc_target_accept), -7.0, 2.0)
+        return (state, log_step), None
+
+    (state, log_step), _ = jax.lax.scan(burn_in_step, (blackjax.hmc.init(start, log_density), log_step),
+                                        jax.random.split(burn_key, args.hmc_burnin))
+
+    def sampling_step(state, k):  # the step size is fixed from here on: a valid Markov chain
+        state, info = kernel(k, state, log_density, jnp.exp(log_step), inverse_mass, args.hmc_leapfrog)
+        return state, (state.position, info.acceptance_rate)
+
+    _, (positions, accept) = jax.lax.scan(sampling_step, state, jax.random.split(draw_key, num_samples))
+    return positions, accept, log_step
+
+
+def sample_improved_actions(actor: Actor, critic: Critic, obs: jax.Array, start: jax.Array, log_step: jax.Array,
+                            key: jax.Array, args: Args) -> tuple[jax.Array, dict]:
     """K samples u of p(u|s) ∝ N(u; mu(s), sigma(s)) exp(min_i Q_i(s, tanh u) / temperature) for each
-    state of the batch, by blackjax HMC started at the dataset action, all states at once.
-    Returns pre-tanh samples (B, K, A) and the mean acceptance rate. It runs outside every loss, so
-    the samples are constants for the actor's gradient."""
+    state of the batch, by HMC with the policy's covariance as inverse mass (step size in policy-std
+    units), all states at once. `start` is (B, A) for --hmc-chains sequential (one chain per state,
+    K successive samples) or (B, K, A) for parallel (K chains per state, one sample each).
+    Returns pre-tanh samples (B, K, A) and diagnostics: the mean acceptance of the kept steps, the
+    mean adapted step (policy-std units) and the mean adapted log step, where the next update's chains start."""
     mu, log_std = jax.vmap(actor)(obs)  # computed once, outside the sampler loop
-    u0 = jnp.arctanh(jnp.clip(action, -0.999, 0.999))
-    K, burnin = args.num_samples, args.hmc_burnin
+    K = args.num_samples
 
-    def chain(s, m, ls, start, key, length):
-        def log_density(u):
-            return gaussian_log_prob(u, m, ls) + critic(s, jnp.tanh(u)).min() / args.temperature
+    def chains_of_one_state(s, m, ls, start, key):
+        log_density = lambda u: improved_log_density(u, s, m, ls, critic, args.temperature)
+        if args.hmc_chains == "sequential":
+            return hmc_chain(log_density, start, jnp.exp(2 * ls), log_step, key, K, args)
+        one_sample = lambda st, k: hmc_chain(log_density, st, jnp.exp(2 * ls), log_step, k, 1, args)
+        positions, accept, log_steps = jax.vmap(one_sample)(start, jax.random.split(key, K))
+        return positions[:, 0], accept[:, 0], log_steps
 
-        hmc = blackjax.hmc(log_density, args.hmc_step_size, jnp.exp(2 * ls), args.hmc_leapfrog)
+    u, accept, log_steps = jax.vmap(chains_of_one_state)(obs, mu, log_std, start, jax.random.split(key, obs.shape[0]))
+    return u, {"hmc_acceptance": accept.mean(), "hmc_step": jnp.exp(log_steps).mean(), "log_step": log_steps.mean()}
 
-        def step(state, k):
-            state, info = hmc.step(k, state)
-            return state, (state.position, info.acceptance_rate)
 
-        _, (positions, accept) = jax.lax.scan(step, hmc.init(start), jax.random.split(key, length))
-        return positions, accept
-
-    keys = jax.random.split(key, obs.shape[0])
-    if args.hmc_chains == "sequential":  # one chain per state, K successive samples after burn-in
-        positions, accept = jax.vmap(lambda *a: chain(*a, burnin + K))(obs, mu, log_std, u0, keys)
-        return positions[:, burnin:], accept.mean()
-    # K independent chains per state, each burn-in then one sample
-    per_state = lambda s, m, ls, start, k: jax.vmap(lambda kk: chain(s, m, ls, start, kk, burnin + 1))(jax.random.split(k, K))
-    positions, accept = jax.vmap(per_state)(obs, mu, log_std, u0, keys)
-    return positions[:, :, -1], accept.mean()
+def resample_policy_samples(u_policy: jax.Array, q_policy: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
+    """K draws per state among its K policy samples with probability ∝ exp(Q / temperature): an
+    importance resample of p(a|s) ∝ pi(a|s) exp Q(s, a), where parallel chains start (so that a few
+    burn-in steps suffice). u_policy (B, K, A), q_policy (B, K) -> (B, K, A)."""
+    idx = jax.random.categorical(key, q_policy / temperature, axis=-1, shape=q_policy.shape[::-1]).T  # (B, K)
+    return jnp.take_along_axis(u_policy, idx[..., None], axis=1)
 
 
 def actor_loss(actor: Actor, batch: data.Transitions, critic: Critic, alpha: jax.Array, u_mcmc: jax.Array,
-               weights: jax.Array, key: jax.Array, args: Args) -> tuple[jax.Array, dict]:
+               weights: jax.Array, noise_new: jax.Array, args: Args) -> tuple[jax.Array, tuple[dict, dict]]:
     """Eq. 13 with the Eq. 15 gradient, weighted as in the official code (minimised):
         bc_weight * E[alpha log pi(a_new|s) - log pi(a_data|s)] - E[min_i Q_i(s, a_new)]
         + unbiased_weight * sum_b weights_b mean_k log pi(a_mcmc_bk | s_b)
     The last term's gradient is unbiased_weight * grad E_s[log E_pi exp Q] (its samples are constants)."""
     mu, log_std = jax.vmap(actor)(batch.obs)
-    new_action, log_pi = jax.vmap(lambda m, s, k: sample_actions(m, s, k, 1))(mu, log_std, jax.random.split(key, mu.shape[0]))
-    new_action, log_pi = new_action[:, 0], log_pi[:, 0]
+    _, new_action, log_pi = reparameterise(mu, log_std, noise_new)
     q_new = jax.vmap(critic)(batch.obs, new_action).min(axis=-1)
-    u_data = jnp.arctanh(jnp.clip(batch.action, -0.999, 0.999))
-    log_pi_data = jax.vmap(log_prob_u)(mu, log_std, u_data)
-    ba = 0.0 if args.no_ba else log_pi_data.mean()
-    loss = args.bc_weight * (alpha * log_pi.mean() - ba) - q_new.mean()
-    metrics = {"actor_loss": loss, "log_pi_data": log_pi_data.mean(), "entropy": -log_pi.mean()}
+    log_pi_data = tanh_gaussian_log_prob(pre_tanh(batch.action), mu, log_std)
+    bc_part = args.bc_weight * (alpha * log_pi.mean() - (0.0 if args.no_ba else log_pi_data.mean()))
+    q_part = -q_new.mean()
+    metrics = {"log_pi_data": log_pi_data.mean(), "entropy": -log_pi.mean(), "actor_bc": bc_part, "actor_q": q_part}
+    loss = bc_part + q_part
     if args.unbiased and not args.ba_only:
-        log_pi_mcmc = jax.vmap(jax.vmap(log_prob_u, in_axes=(None, None, 0)))(mu, log_std, u_mcmc)  # (B, K)
-        correction = jnp.sum(weights * log_pi_mcmc.mean(axis=1))
-        loss = loss + args.unbiased_weight * correction
-        metrics["log_pi_mcmc"] = log_pi_mcmc.mean()
-    return loss, {**metrics, "log_pi": log_pi}
+        log_pi_mcmc = tanh_gaussian_log_prob(u_mcmc, mu[:, None], log_std[:, None])  # (B, K)
+        correction = args.unbiased_weight * jnp.sum(weights * log_pi_mcmc.mean(axis=1))
+        loss = loss + correction
+        metrics.update(log_pi_mcmc=log_pi_mcmc.mean(), actor_correction=correction)
+    return loss, ({"actor_loss": loss, **metrics}, {"log_pi": log_pi})
+
+
+def alpha_loss(log_alpha: jax.Array, log_pi: jax.Array, target_entropy: float) -> jax.Array:
+    """SAC's automatic temperature: alpha grows while the policy's entropy is below the target."""
+    return -(log_alpha * (jax.lax.stop_gradient(log_pi) + target_entropy)).mean()
 
 
 # ============================================================================ Update
@@ -395,49 +575,55 @@ def sample(dataset: data.Transitions, key: jax.Array, batch_size: int) -> data.T
 
 def update(state: AgentState, dataset: data.Transitions, key: jax.Array, args: Args,
            opt: Optimisers) -> tuple[AgentState, dict]:
-    """One MISA update: critics (Eq. 12), HMC samples of p, actor (Eq. 13/15), temperatures, targets."""
-    batch_key, critic_key, hmc_key, actor_key = jax.random.split(key, 4)
+    """One MISA update: critics (Eq. 12), Lagrange multiplier, HMC samples of p, actor (Eq. 13/15),
+    temperature, targets. Every random number is drawn here; the losses are deterministic."""
+    batch_key, noise_key, start_key, hmc_key = jax.random.split(key, 4)
     batch = sample(dataset, batch_key, args.batch_size)
+    noise = draw_noise(noise_key, args.batch_size, args.num_samples, batch.action.shape[1])
     regularise = not args.ba_only
     lagrange = args.lagrange_tau is not None and args.lagrange_tau > 0
     gamma_1 = args.min_q_weight * (jnp.clip(jnp.exp(state.log_gamma), 0.0, 1e6) if lagrange else 1.0) * regularise
+    budget = lagrange_budget(args) if lagrange else 0.0
 
     # critics
-    (_, c_metrics), grads = eqx.filter_value_and_grad(critic_loss, has_aux=True)(
-        state.critic, batch, state.actor, state.critic_target, gamma_1, critic_key, args)
+    (_, (c_metrics, c_extras)), grads = eqx.filter_value_and_grad(critic_loss, has_aux=True)(
+        state.critic, batch, state.actor, state.critic_target, gamma_1, budget, noise, args)
     critic, critic_opt = apply_grads(opt.critic, state.critic, state.critic_opt, grads)
-    q_samples_min = c_metrics.pop("q_samples_min")
 
-    # Lagrange multiplier: grows while the regulariser exceeds the budget tau, shrinks below it
+    # Lagrange multiplier on gamma_1
     log_gamma, gamma_opt = state.log_gamma, state.gamma_opt
     if lagrange:
-        gap = jax.lax.stop_gradient(c_metrics["mi_regulariser"]) - args.lagrange_tau
-        g_grad = jax.grad(lambda lg: -jnp.exp(lg) * args.min_q_weight * gap)(state.log_gamma)
+        g_grad = jax.grad(lagrange_loss)(state.log_gamma, c_extras["gaps"], args)
         log_gamma, gamma_opt = apply_grads(opt.gamma, state.log_gamma, state.gamma_opt, g_grad)
 
-    # HMC samples of the improved policy p(a|s) ∝ pi(a|s) exp Q(s, a), for the Eq. 15 correction
-    u_mcmc = jnp.zeros((args.batch_size, args.num_samples, batch.action.shape[1]))
-    if args.unbiased and regularise:
-        u_mcmc, acceptance = sample_improved_actions(state.actor, state.critic, batch.obs, batch.action, hmc_key, args)
-    _, weights = mi_bound(jax.lax.stop_gradient(q_samples_min), jnp.zeros(args.batch_size), args.temperature)
+    # the critic the actor improves on: the one just updated (Algorithm 1) or the pre-update one (official)
+    actor_critic = critic if args.actor_sees == "updated" else state.critic
+
+    # samples of the improved policy p(a|s) ∝ pi(a|s) exp Q(s, a) for the Eq. 15 correction; with
+    # --correction dataset they are the dataset actions, as the official sampler (which never moves) gives
+    u_mcmc = jnp.broadcast_to(pre_tanh(batch.action)[:, None], noise.policy.shape)
+    hmc_log_step, hmc_metrics = state.hmc_log_step, {}
+    if args.unbiased and regularise and args.correction == "hmc":
+        start = (pre_tanh(batch.action) if args.hmc_chains == "sequential" else
+                 resample_policy_samples(c_extras["u_policy"], c_extras["q_samples_min"], start_key, args.temperature))
+        u_mcmc, hmc_metrics = sample_improved_actions(state.actor, actor_critic, batch.obs, start, state.hmc_log_step,
+                                                      hmc_key, args)
+        hmc_log_step = hmc_metrics.pop("log_step")  # the next update's chains start from this batch's adapted step
+    _, weights = mi_bound(c_extras["q_samples_min"], jnp.zeros(args.batch_size), args.temperature)
 
     # actor, then the entropy temperature
     alpha = jnp.exp(state.log_alpha)
-    (_, a_metrics), grads = eqx.filter_value_and_grad(actor_loss, has_aux=True)(
-        state.actor, batch, critic, alpha, u_mcmc, weights, actor_key, args)
+    (_, (a_metrics, a_extras)), grads = eqx.filter_value_and_grad(actor_loss, has_aux=True)(
+        state.actor, batch, actor_critic, alpha, u_mcmc, weights, noise.new, args)
     actor, actor_opt = apply_grads(opt.actor, state.actor, state.actor_opt, grads)
-    log_pi = jax.lax.stop_gradient(a_metrics.pop("log_pi"))
     target_entropy = -batch.action.shape[1] if args.target_entropy is None else args.target_entropy
-    a_grad = jax.grad(lambda la: -(la * (log_pi + target_entropy)).mean())(state.log_alpha)
+    a_grad = jax.grad(alpha_loss)(state.log_alpha, a_extras["log_pi"], target_entropy)
     log_alpha, alpha_opt = apply_grads(opt.alpha, state.log_alpha, state.alpha_opt, a_grad)
 
     state = AgentState(actor=actor, critic=critic, critic_target=polyak(state.critic_target, critic, args.tau),
-                       log_alpha=log_alpha, log_gamma=log_gamma, actor_opt=actor_opt, critic_opt=critic_opt,
-                       alpha_opt=alpha_opt, gamma_opt=gamma_opt)
-    metrics = {**c_metrics, **a_metrics, "alpha": alpha, "gamma_1": gamma_1}
-    if args.unbiased and regularise:
-        metrics["hmc_acceptance"] = acceptance
-    return state, metrics
+                       log_alpha=log_alpha, log_gamma=log_gamma, hmc_log_step=hmc_log_step, actor_opt=actor_opt,
+                       critic_opt=critic_opt, alpha_opt=alpha_opt, gamma_opt=gamma_opt)
+    return state, {**c_metrics, **a_metrics, **hmc_metrics, "alpha": alpha, "gamma_1": gamma_1}
 
 
 # ============================================================================ make_train
@@ -449,17 +635,17 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
     args = resolve_args(args) if args.num_layers is None else args
     lr = lambda base: optax.cosine_decay_schedule(base, args.num_updates) if args.cosine_schedule else base
     opt = Optimisers(actor=optax.adam(lr(args.actor_lr)), critic=optax.adam(lr(args.critic_lr)),
-                     alpha=optax.adam(args.actor_lr), gamma=optax.adam(args.critic_lr))
+                     alpha=optax.adam(args.actor_lr), gamma=optax.adam(args.lagrange_lr))
 
     def init(key: jax.Array) -> AgentState:
         actor_key, critic_key = jax.random.split(key)
         actor = Actor(obs_dim, act_dim, args, key=actor_key)
         critic = Critic(obs_dim, act_dim, args, key=critic_key)
-        zero = jnp.zeros(())
-        return AgentState(actor, critic, critic, zero, zero,
+        log_alpha, log_gamma = jnp.zeros(()), jnp.full((), args.lagrange_init)
+        return AgentState(actor, critic, critic, log_alpha, log_gamma, jnp.full((), np.log(args.hmc_step_size)),
                           opt.actor.init(eqx.filter(actor, eqx.is_inexact_array)),
                           opt.critic.init(eqx.filter(critic, eqx.is_inexact_array)),
-                          opt.alpha.init(zero), opt.gamma.init(zero))
+                          opt.alpha.init(log_alpha), opt.gamma.init(log_gamma))
 
     def train_chunk(dataset: data.Transitions, state: AgentState, key: jax.Array):
         arrays, static = eqx.partition(state, eqx.is_array)  # lax.scan carries arrays only

@@ -5,7 +5,8 @@
 
 An entry of --algos is `name` or `name:field=value,field=value` (fields of that file's Args), so
 variants of one algorithm (e.g. MISA's two HMC layouts, or MISA without the sampler, which gives
-the sampler's share of the update time) are measured side by side.
+the sampler's share of the update time) are measured side by side. `name@commit` measures the file
+as it was at that git commit (e.g. `misa@HEAD~3 misa`: a change's cost, in one run).
 
 For each number of seeds it builds the program with the algorithm's own `make_train`, times the
 first chunk (compile + run) and then `--repeats` further chunks of `--chunk` updates, and reports
@@ -19,10 +20,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +37,8 @@ import numpy as np
 import tyro
 
 from common import data
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass
@@ -75,9 +81,24 @@ def parse(entry: str) -> tuple[str, dict]:
     return name, overrides
 
 
+def load_algorithm(name: str):
+    """algorithms/<name>.py, or with name@commit the file as it was at that commit."""
+    algo, _, commit = name.partition("@")
+    if not commit:
+        return importlib.import_module(f"algorithms.{algo}")
+    source = subprocess.run(["git", "show", f"{commit}:algorithms/{algo}.py"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"{algo}_at_{commit.replace('~', '_')}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def measure(entry: str, num_seeds: int, cfg: Config) -> dict:
     algo, overrides = parse(entry)
-    module = importlib.import_module(f"algorithms.{algo}")
+    module = load_algorithm(algo)
     args = module.Args(num_seeds=num_seeds, log_every=cfg.chunk, eval_every=cfg.chunk, num_updates=1000 * cfg.chunk,
                        **overrides)
     rng = np.random.default_rng(0)

@@ -86,6 +86,12 @@ SWEEPS = {
         ["ours/Hopper-v5/medium", "ours/Hopper-v5/medium-replay"],
         {label: (v + " --num-samples 10" if "num-samples" not in v else v) for label, v in TABLE2.items()},
         **{**CPU_BUDGET, "num_updates": 500}),  # half the grid's budget: 18 MISA runs; its own MISA column
+    "hmc-adaptation": Sweep(
+        "MISA's HMC sampler in training, with and without step-size adaptation (issue: the fixed step of "
+        "one policy std stalls as Q sharpens); full width, K = 10 for this CPU",
+        ["ours/Hopper-v5/medium-replay"],
+        {"misa adaptive step": "misa --num-samples 10", "misa fixed step": "misa --num-samples 10 --no-hmc-adapt"},
+        num_seeds=2, num_updates=20_000, eval_every=2000, log_every=500),
     "paper": Sweep(
         "the paper's Table 1 grid at the paper's budget (1M updates, default networks): needs GPUs and the D4RL files",
         D4RL_LOCOMOTION + D4RL_ANTMAZE + D4RL_ADROIT,
@@ -95,6 +101,11 @@ SWEEPS = {
         D4RL_LOCOMOTION,
         dict(TABLE2)),
 }
+
+
+# training metrics kept in each summary, where the algorithm logs them (learning dynamics, sampler health)
+DIAGNOSTICS = ["q_data", "q_policy", "mi_regulariser", "cql_regulariser", "td_loss", "hmc_acceptance", "hmc_step",
+               "gamma_1", "alpha", "entropy", "updates_per_s"]
 
 
 def slug(text: str) -> str:
@@ -135,12 +146,19 @@ def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: floa
         for row in csv.DictReader(f):
             value = float(row["score"]) if row.get("score") not in (None, "") else float(row["return"])
             curve.setdefault(int(row["update"]), {})[int(row["seed"])] = value
+    diagnostics: dict[str, dict[int, dict[int, float]]] = {}  # training metrics, per chunk and seed
+    with open(rd / "train.csv") as f:
+        for row in csv.DictReader(f):
+            for name in DIAGNOSTICS:
+                if row.get(name) not in (None, ""):
+                    diagnostics.setdefault(name, {}).setdefault(int(row["update"]), {})[int(row["seed"])] = float(row[name])
+    per_seed = lambda c: {"updates": sorted(c), "per_seed": [[c[u].get(s) for s in results["seeds"]] for u in sorted(c)]}
     return {
         "sweep": sweep, "label": label, "dataset": dataset, "algo": Path(cmd[1]).stem,
         "command": shlex.join(cmd), "args": config["args"], "git_commit": config.get("git_commit"),
         "metric": results["metric"], "seeds": results["seeds"], "episodes_per_seed": results["episodes_per_seed"],
         "final_per_seed": results["final_per_seed"], "final_mean": results["final_mean"], "final_std": results["final_std"],
-        "curve": {"updates": sorted(curve), "per_seed": [[curve[u].get(s) for s in results["seeds"]] for u in sorted(curve)]},
+        "curve": per_seed(curve), "diagnostics": {name: per_seed(c) for name, c in diagnostics.items()},
         "wall_time_s": wall_s, "machine": where, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 

@@ -1,0 +1,144 @@
+"""MISA's sampler of the improved policy p(u|s) ∝ N(u; mu, sigma) exp(Q(s, tanh u)), and the Eq. 15
+gradient estimator built on it, against targets with known answers.
+
+Targets are "n x sharper than the policy": Q = -n (u - c)^2 / (2 sigma^2), so p is Gaussian with
+precision (1 + n) / sigma^2 (1-D, exact KS test), or that plus a skewing term in 3-D (reference
+moments by importance sampling from pi). Training carries the adapted step from one update to the
+next; the tests do the same by calling the sampler a few times and passing the step on.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from algorithms import misa
+
+MU, SIGMA, C = 0.3, 0.5, 0.8  # policy mean and std (pre-tanh), location of Q's peak
+B, K = 256, 50
+
+
+class GaussActor(eqx.Module):
+    """pi(u|s) = N(mu, exp(log_std)^2) in pre-tanh space, the same for every state."""
+
+    mu: jax.Array
+    log_std: jax.Array
+
+    def __call__(self, obs):
+        return self.mu, self.log_std
+
+
+class SharpCritic(eqx.Module):
+    """Q(s, a) = sharpness * (-|u - c|^2 / (2 sigma^2) + skew * tanh(u_0 - c_0)), u = atanh(a)."""
+
+    sharpness: jax.Array
+    skew: float = eqx.field(static=True, default=0.0)
+
+    def __call__(self, obs, action):
+        u = jnp.arctanh(action)
+        q = self.sharpness * (-jnp.sum((u - C) ** 2) / (2 * SIGMA**2) + self.skew * jnp.tanh(u[0] - C))
+        return jnp.stack([q, q + 1.0])  # the sampler uses the min over the twin critics
+
+
+def run_sampler(sharpness: float, adapt: bool, chains: str = "sequential", dim: int = 1, skew: float = 0.0,
+                updates: int = 8, seed: int = 0):
+    """`updates` successive calls, as in training: dataset actions drawn from pi, the adapted step
+    carried over. Returns the last call's samples (B, K, dim) and diagnostics."""
+    args = misa.Args(num_samples=K, hmc_burnin=5, hmc_leapfrog=2, hmc_step_size=1.0, hmc_adapt=adapt, hmc_chains=chains)
+    actor = GaussActor(jnp.full(dim, MU), jnp.full(dim, np.log(SIGMA)))
+    critic = SharpCritic(jnp.asarray(sharpness, jnp.float32), skew)
+    obs = jnp.zeros((B, 1))
+
+    @jax.jit
+    def one_update(log_step, key):
+        start_key, chain_key = jax.random.split(key)
+        if chains == "sequential":
+            start = MU + SIGMA * jax.random.normal(start_key, (B, dim))  # the dataset actions
+        else:  # as the update does: an exp(Q)-weighted resample of K policy samples per state
+            u_policy = MU + SIGMA * jax.random.normal(start_key, (B, K, dim))
+            q = jax.vmap(jax.vmap(lambda u: critic(None, jnp.tanh(u)).min()))(u_policy)
+            start = misa.resample_policy_samples(u_policy, q, jax.random.fold_in(start_key, 1), 1.0)
+        return misa.sample_improved_actions(actor, critic, obs, start, log_step, chain_key, args)
+
+    log_step = jnp.log(1.0)
+    for key in jax.random.split(jax.random.PRNGKey(seed), updates):
+        u, info = one_update(log_step, key)
+        log_step = info["log_step"] if adapt else log_step
+    return np.asarray(u), {k: float(v) for k, v in info.items()}
+
+
+def exact_1d(sharpness: float) -> stats.rv_continuous:
+    precision = (1 + sharpness) / SIGMA**2
+    return stats.norm((MU + sharpness * C) / SIGMA**2 / precision, precision**-0.5)
+
+
+@pytest.mark.parametrize("chains", ["sequential", "parallel"])
+@pytest.mark.parametrize("sharpness", [1.0, 10.0, 30.0])
+def test_adaptive_hmc_matches_the_exact_density_as_q_sharpens(chains, sharpness):
+    u, info = run_sampler(sharpness, adapt=True, chains=chains)
+    ks = stats.kstest(u.ravel(), exact_1d(sharpness).cdf).statistic
+    print(f"{chains} x{sharpness:g}: acceptance {info['hmc_acceptance']:.3f}, step {info['hmc_step']:.3f} sigma, KS {ks:.3f}")
+    assert 0.6 <= info["hmc_acceptance"] <= 0.9  # around --hmc-target-accept 0.75
+    assert ks < 0.05
+    assert info["hmc_step"] < 1.5 / np.sqrt(1 + sharpness) * 3  # the step shrank with the target's width
+
+
+def test_a_fixed_step_of_one_policy_std_freezes_at_30x():
+    """Without adaptation the sequential chain (the official layout) barely moves on a sharp target:
+    the failure the adaptation exists for."""
+    u, info = run_sampler(30.0, adapt=False)
+    assert info["hmc_acceptance"] < 0.05 and info["hmc_step"] == pytest.approx(1.0)
+    assert stats.kstest(u.ravel(), exact_1d(30.0).cdf).statistic > 0.3
+
+
+@pytest.mark.parametrize("sharpness", [1.0, 10.0, 30.0])
+def test_adaptive_hmc_means_in_3d_match_importance_sampling(sharpness):
+    """A skewed 3-D target: the sample means per dimension are within 0.1 reference std of the
+    self-normalised importance-sampling estimate from 2M policy samples."""
+    u, info = run_sampler(sharpness, adapt=True, dim=3, skew=0.5)
+    draws = MU + SIGMA * jax.random.normal(jax.random.PRNGKey(7), (2_000_000, 3))
+    critic = SharpCritic(jnp.asarray(sharpness, jnp.float32), 0.5)
+    log_w = jax.vmap(lambda x: critic(None, jnp.tanh(x)).min())(draws)
+    w = np.asarray(jax.nn.softmax(log_w), np.float64)
+    draws = np.asarray(draws, np.float64)
+    ref_mean = w @ draws
+    ref_std = np.sqrt(w @ (draws - ref_mean) ** 2)
+    assert 1.0 / np.sum(w**2) > 5000  # the reference has enough effective samples
+    err = (u.reshape(-1, 3).mean(axis=0) - ref_mean) / ref_std
+    print(f"x{sharpness:g}: acceptance {info['hmc_acceptance']:.3f}, mean errors {np.round(err, 3)} ref std")
+    assert 0.6 <= info["hmc_acceptance"] <= 0.9
+    assert np.abs(err).max() < 0.1
+
+
+def test_eq15_gradient_matches_the_exact_gradient():
+    """d/dmu E_s log E_pi exp Q = (c - mu) / (sigma^2 + tau^2) for Q = -(u - c)^2 / (2 tau^2); the
+    estimator is E_{u~p}[d/dmu log pi(u)], computed from the sampler's output as the actor loss does."""
+    sharpness = 10.0  # tau^2 = sigma^2 / sharpness
+    u, _ = run_sampler(sharpness, adapt=True, seed=1)
+    actor = GaussActor(jnp.array([MU]), jnp.array([np.log(SIGMA)]))
+    _, weights = misa.mi_bound(jnp.zeros((B, K)), jnp.zeros(B), 1.0)
+
+    def correction(act):
+        mu, log_std = jax.vmap(act)(jnp.zeros((B, 1)))
+        log_pi = misa.tanh_gaussian_log_prob(jnp.asarray(u), mu[:, None], log_std[:, None])
+        return jnp.sum(weights * log_pi.mean(axis=1))
+
+    grad = float(eqx.filter_grad(correction)(actor).mu[0])
+    exact = (C - MU) / (SIGMA**2 + SIGMA**2 / sharpness)
+    assert grad == pytest.approx(exact, rel=0.05)
+
+
+def test_the_adapted_step_is_carried_into_the_next_update_and_logged():
+    """In training, the state's hmc_log_step moves from log(--hmc-step-size) to the adapted value,
+    and hmc_acceptance / hmc_step are logged; with --no-hmc-adapt it stays at the flag's value."""
+    from test_misa import bandit_dataset, tiny_args, train_in_process
+
+    ds = bandit_dataset()
+    state, metrics = train_in_process(misa, tiny_args(misa, hmc_step_size=3.0), ds, chunks=1)
+    assert "hmc_step" in metrics and "hmc_acceptance" in metrics
+    assert float(state.hmc_log_step[0]) < np.log(3.0) - 0.3  # a step of 3 policy stds is too long: it shrank
+    state, metrics = train_in_process(misa, tiny_args(misa, hmc_step_size=3.0, hmc_adapt=False), ds, chunks=1)
+    assert float(state.hmc_log_step[0]) == pytest.approx(np.log(3.0))
+    np.testing.assert_allclose(metrics["hmc_step"], 3.0, rtol=1e-5)
