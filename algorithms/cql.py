@@ -59,10 +59,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
-
-from common import data, evaluation, sharding
-from common import logging as runlog
 
 ALGO = "cql"
 
@@ -270,6 +266,17 @@ class Critic(eqx.Module):
 
 
 # ============================================================================ Agent state
+class Transitions(NamedTuple):
+    """Transitions as training reads them (a whole dataset or one minibatch): arrays with a leading row
+    axis. Defined here, not imported, so that this file works on its own (copy it, import it)."""
+
+    obs: jax.Array  # (N, obs_dim)
+    action: jax.Array  # (N, act_dim), in [-1, 1]
+    reward: jax.Array  # (N,)
+    next_obs: jax.Array  # (N, obs_dim)
+    done: jax.Array  # (N,), 1.0 at true terminals only
+
+
 class AgentState(eqx.Module):
     """Everything one agent carries between updates. A pytree of arrays: vmappable, serialisable."""
 
@@ -314,7 +321,7 @@ def cql_regulariser(q_rand: jax.Array, q_curr: jax.Array, q_next: jax.Array, q_d
     return jnp.clip(log_z - q_data, clip_min, clip_max).mean()
 
 
-def critic_loss(critic: Critic, batch: data.Transitions, actor: Actor, critic_target: Critic, cql_weight: jax.Array,
+def critic_loss(critic: Critic, batch: Transitions, actor: Actor, critic_target: Critic, cql_weight: jax.Array,
                 alpha: jax.Array, key: jax.Array, args: Args) -> tuple[jax.Array, dict]:
     """TD error + cql_weight * CQL(H) for each of the two critics (CQL Eq. 4, importance-sampled)."""
     next_key, rand_key, curr_key, cql_next_key = jax.random.split(key, 4)
@@ -351,7 +358,7 @@ def critic_loss(critic: Critic, batch: data.Transitions, actor: Actor, critic_ta
                   "q_target": target.mean(), "q_policy": q_curr.mean(), "q_random": q_rand.mean()}
 
 
-def actor_loss(actor: Actor, batch: data.Transitions, critic: Critic, alpha: jax.Array, bc_phase: jax.Array,
+def actor_loss(actor: Actor, batch: Transitions, critic: Critic, alpha: jax.Array, bc_phase: jax.Array,
                key: jax.Array, args: Args) -> tuple[jax.Array, dict]:
     """SAC's actor loss (minimised), E[alpha log pi(a_new|s) - min_i Q_i(s, a_new)]; while bc_phase, the
     Q term is replaced by the data's log-likelihood log pi(a_data|s) (behaviour cloning, CORL `bc_steps`)."""
@@ -377,12 +384,12 @@ def polyak(target, online, tau: float):
     return jax.tree.map(lambda t, o: (1 - tau) * t + tau * o if eqx.is_inexact_array(t) else t, target, online)
 
 
-def sample(dataset: data.Transitions, key: jax.Array, batch_size: int) -> data.Transitions:
+def sample(dataset: Transitions, key: jax.Array, batch_size: int) -> Transitions:
     idx = jax.random.randint(key, (batch_size,), 0, dataset.obs.shape[0])
     return jax.tree.map(lambda x: x[idx], dataset)
 
 
-def update(state: AgentState, dataset: data.Transitions, key: jax.Array, args: Args,
+def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
            opt: Optimisers) -> tuple[AgentState, dict]:
     """One CQL update: critics (TD + CQL(H)), the Lagrange multiplier, actor (SAC or BC), temperature, targets."""
     batch_key, critic_key, actor_key = jax.random.split(key, 3)
@@ -439,7 +446,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
                           opt.critic.init(eqx.filter(critic, eqx.is_inexact_array)),
                           opt.alpha.init(zero), opt.alpha_prime.init(one), jnp.zeros((), jnp.int32))
 
-    def train_chunk(dataset: data.Transitions, state: AgentState, key: jax.Array):
+    def train_chunk(dataset: Transitions, state: AgentState, key: jax.Array):
         arrays, static = eqx.partition(state, eqx.is_array)  # lax.scan carries arrays only
 
         def step(carry, _):
@@ -455,6 +462,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
         return state, key, metrics
 
     init_v = eqx.filter_jit(eqx.filter_vmap(init))
+    # donate: the state and keys passed in are replaced by the outputs, so XLA may reuse their buffers
     train_v = eqx.filter_jit(eqx.filter_vmap(train_chunk, in_axes=(None, eqx.if_array(0), eqx.if_array(0))),
                              donate="all-except-first")
     return init_v, train_v
@@ -469,6 +477,8 @@ def act(actors: Actor, obs: jax.Array, obs_mean: jax.Array, obs_std: jax.Array) 
 
 # ============================================================================ main
 def main(args: Args) -> dict:
+    from common import data, evaluation, runlog, sharding  # the runner's plumbing; nothing above needs it
+
     check_args(args)
     seeds = [args.seed + i for i in range(args.num_seeds)]
 
@@ -480,7 +490,7 @@ def main(args: Args) -> dict:
         obs_mean, obs_std = raw.obs.mean(0), raw.obs.std(0) + 1e-3
     else:
         obs_mean, obs_std = np.zeros(spec.obs_dim, np.float32), np.ones(spec.obs_dim, np.float32)
-    dataset = data.Transitions(
+    dataset = Transitions(
         obs=jnp.asarray((raw.obs - obs_mean) / obs_std), action=jnp.asarray(raw.action),
         reward=jnp.asarray(args.reward_scale * raw.reward + args.reward_bias, jnp.float32),
         next_obs=jnp.asarray((raw.next_obs - obs_mean) / obs_std), done=jnp.asarray(raw.done))
@@ -528,4 +538,6 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+    import tyro
+
     main(tyro.cli(Args))

@@ -90,10 +90,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
-
-from common import data, evaluation, sharding
-from common import logging as runlog
 
 ALGO = "misa_dv"
 
@@ -361,6 +357,17 @@ class Critic(eqx.Module):
 
 
 # ============================================================================ Agent state
+class Transitions(NamedTuple):
+    """Transitions as training reads them (a whole dataset or one minibatch): arrays with a leading row
+    axis. Defined here, not imported, so that this file works on its own (copy it, import it)."""
+
+    obs: jax.Array  # (N, obs_dim)
+    action: jax.Array  # (N, act_dim), in [-1, 1]
+    reward: jax.Array  # (N,)
+    next_obs: jax.Array  # (N, obs_dim)
+    done: jax.Array  # (N,), 1.0 at true terminals only
+
+
 class AgentState(eqx.Module):
     """Everything one agent carries between updates. A pytree of arrays: vmappable, serialisable."""
 
@@ -429,7 +436,7 @@ def lagrange_budget(args: Args) -> float:
     return args.lagrange_tau - (official_norm_shift(args) if args.lse_norm == "samples" else 0.0)
 
 
-def critic_loss(critic: Critic, batch: data.Transitions, actor: Actor, critic_target: Critic, gamma_1: jax.Array,
+def critic_loss(critic: Critic, batch: Transitions, actor: Actor, critic_target: Critic, gamma_1: jax.Array,
                 budget: float | jax.Array, noise: Noise, args: Args) -> tuple[jax.Array, tuple[dict, dict]]:
     """Eq. 12: TD error + gamma_1 * (E_s[log E_pi exp Q] - E_D[Q] - budget) for each of the two critics
     (budget: the Lagrange budget, 0 without Lagrange). Returns (loss, (metrics, extras))."""
@@ -504,11 +511,16 @@ def sample_improved_actions(actor: Actor, critic: Critic, obs: jax.Array, start:
     K = args.num_samples
 
     def chains_of_one_state(s, m, ls, start, key):
-        log_density = lambda u: improved_log_density(u, s, m, ls, critic, args.temperature)
+        def log_density(u):
+            return improved_log_density(u, s, m, ls, critic, args.temperature)
+
         if args.hmc_chains == "sequential":
             return hmc_chain(log_density, start, jnp.exp(2 * ls), log_step, key, K, args)
-        one_sample = lambda st, k: hmc_chain(log_density, st, jnp.exp(2 * ls), log_step, k, 1, args)
-        positions, accept, log_steps = jax.vmap(one_sample)(start, jax.random.split(key, K))
+
+        def one_sample_chain(chain_start, chain_key):
+            return hmc_chain(log_density, chain_start, jnp.exp(2 * ls), log_step, chain_key, 1, args)
+
+        positions, accept, log_steps = jax.vmap(one_sample_chain)(start, jax.random.split(key, K))
         return positions[:, 0], accept[:, 0], log_steps
 
     u, accept, log_steps = jax.vmap(chains_of_one_state)(obs, mu, log_std, start, jax.random.split(key, obs.shape[0]))
@@ -523,7 +535,7 @@ def resample_policy_samples(u_policy: jax.Array, q_policy: jax.Array, key: jax.A
     return jnp.take_along_axis(u_policy, idx[..., None], axis=1)
 
 
-def actor_loss(actor: Actor, batch: data.Transitions, critic: Critic, alpha: jax.Array, u_mcmc: jax.Array,
+def actor_loss(actor: Actor, batch: Transitions, critic: Critic, alpha: jax.Array, u_mcmc: jax.Array,
                weights: jax.Array, noise_new: jax.Array, args: Args) -> tuple[jax.Array, tuple[dict, dict]]:
     """Eq. 13 with the Eq. 15 gradient, weighted as in the official code (minimised):
         bc_weight * E[alpha log pi(a_new|s) - log pi(a_data|s)] - E[min_i Q_i(s, a_new)]
@@ -561,12 +573,12 @@ def polyak(target, online, tau: float):
     return jax.tree.map(lambda t, o: (1 - tau) * t + tau * o if eqx.is_inexact_array(t) else t, target, online)
 
 
-def sample(dataset: data.Transitions, key: jax.Array, batch_size: int) -> data.Transitions:
+def sample(dataset: Transitions, key: jax.Array, batch_size: int) -> Transitions:
     idx = jax.random.randint(key, (batch_size,), 0, dataset.obs.shape[0])
     return jax.tree.map(lambda x: x[idx], dataset)
 
 
-def update(state: AgentState, dataset: data.Transitions, key: jax.Array, args: Args,
+def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
            opt: Optimisers) -> tuple[AgentState, dict]:
     """One MISA update: critics (Eq. 12), Lagrange multiplier, HMC samples of p, actor (Eq. 13/15),
     temperature, targets. Every random number is drawn here; the losses are deterministic."""
@@ -640,7 +652,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
                           opt.critic.init(eqx.filter(critic, eqx.is_inexact_array)),
                           opt.alpha.init(log_alpha), opt.gamma.init(log_gamma))
 
-    def train_chunk(dataset: data.Transitions, state: AgentState, key: jax.Array):
+    def train_chunk(dataset: Transitions, state: AgentState, key: jax.Array):
         arrays, static = eqx.partition(state, eqx.is_array)  # lax.scan carries arrays only
 
         def step(carry, _):
@@ -656,6 +668,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
         return state, key, metrics
 
     init_v = eqx.filter_jit(eqx.filter_vmap(init))
+    # donate: the state and keys passed in are replaced by the outputs, so XLA may reuse their buffers
     train_v = eqx.filter_jit(eqx.filter_vmap(train_chunk, in_axes=(None, eqx.if_array(0), eqx.if_array(0))),
                              donate="all-except-first")
     return init_v, train_v
@@ -670,6 +683,8 @@ def act(actors: Actor, obs: jax.Array, obs_mean: jax.Array, obs_std: jax.Array) 
 
 # ============================================================================ main
 def main(args: Args) -> dict:
+    from common import data, evaluation, runlog, sharding  # the runner's plumbing; nothing above needs it
+
     check_args(args)
     seeds = [args.seed + i for i in range(args.num_seeds)]
 
@@ -681,7 +696,7 @@ def main(args: Args) -> dict:
         obs_mean, obs_std = raw.obs.mean(0), raw.obs.std(0) + 1e-3
     else:
         obs_mean, obs_std = np.zeros(spec.obs_dim, np.float32), np.ones(spec.obs_dim, np.float32)
-    dataset = data.Transitions(
+    dataset = Transitions(
         obs=jnp.asarray((raw.obs - obs_mean) / obs_std), action=jnp.asarray(raw.action),
         reward=jnp.asarray(args.reward_scale * raw.reward + args.reward_bias, jnp.float32),
         next_obs=jnp.asarray((raw.next_obs - obs_mean) / obs_std), done=jnp.asarray(raw.done))
@@ -729,4 +744,6 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+    import tyro
+
     main(tyro.cli(Args))

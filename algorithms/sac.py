@@ -1,6 +1,6 @@
 """SAC: "Soft Actor-Critic Algorithms and Applications" (Haarnoja et al., 2018), online, on a gymnasium env.
 
-The online agent this project uses to *make* offline datasets (see common/make_dataset.py), in the
+The online agent this project uses to *make* offline datasets (see tools/make_dataset.py), in the
 spirit of the rlkit SAC that generated D4RL's locomotion data:
 
     critic:  min_Q  sum_i E[(Q_i(s, a) - y)^2],  y = r + gamma (1 - terminal) (min_j Q'_j(s', a') - alpha log pi(a'|s')),  a' ~ pi(s')
@@ -49,7 +49,7 @@ import tyro
 from tqdm import tqdm
 
 from common import data, evaluation
-from common import logging as runlog
+from common import runlog
 
 
 # ============================================================================ Args

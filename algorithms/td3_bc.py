@@ -31,10 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
-
-from common import data, evaluation, sharding
-from common import logging as runlog
 
 
 # ============================================================================ Args
@@ -145,6 +141,17 @@ class Critic(eqx.Module):
 
 
 # ============================================================================ Agent state
+class Transitions(NamedTuple):
+    """Transitions as training reads them (a whole dataset or one minibatch): arrays with a leading row
+    axis. Defined here, not imported, so that this file works on its own (copy it, import it)."""
+
+    obs: jax.Array  # (N, obs_dim)
+    action: jax.Array  # (N, act_dim), in [-1, 1]
+    reward: jax.Array  # (N,)
+    next_obs: jax.Array  # (N, obs_dim)
+    done: jax.Array  # (N,), 1.0 at true terminals only
+
+
 class AgentState(eqx.Module):
     """Everything one agent carries between updates. A pytree of arrays: vmappable, serialisable."""
 
@@ -162,7 +169,7 @@ class Optimisers(NamedTuple):  # closed over by the update, never stored in the 
 
 
 # ============================================================================ Losses
-def critic_loss(critic: Critic, batch: data.Transitions, actor_target: Actor, critic_target: Critic,
+def critic_loss(critic: Critic, batch: Transitions, actor_target: Actor, critic_target: Critic,
                 key: jax.Array, args: Args) -> tuple[jax.Array, dict]:
     """Sum over the two critics of the mean squared TD error against the clipped double-Q target
     with target policy smoothing."""
@@ -175,7 +182,7 @@ def critic_loss(critic: Critic, batch: data.Transitions, actor_target: Actor, cr
     return loss, {"critic_loss": loss, "q_mean": q.mean()}
 
 
-def actor_loss(actor: Actor, batch: data.Transitions, critic: Critic, args: Args) -> tuple[jax.Array, dict]:
+def actor_loss(actor: Actor, batch: Transitions, critic: Critic, args: Args) -> tuple[jax.Array, dict]:
     """-lambda * mean Q_1(s, pi(s)) + mean (pi(s) - a)^2, lambda = alpha / mean |Q_1| held constant."""
     pi = jax.vmap(actor)(batch.obs)
     q = jax.vmap(critic)(batch.obs, pi)[:, 0]
@@ -196,12 +203,12 @@ def polyak(target, online, tau: float):
     return jax.tree.map(lambda t, o: (1 - tau) * t + tau * o if eqx.is_inexact_array(t) else t, target, online)
 
 
-def sample(dataset: data.Transitions, key: jax.Array, batch_size: int) -> data.Transitions:
+def sample(dataset: Transitions, key: jax.Array, batch_size: int) -> Transitions:
     idx = jax.random.randint(key, (batch_size,), 0, dataset.obs.shape[0])
     return jax.tree.map(lambda x: x[idx], dataset)
 
 
-def update(state: AgentState, dataset: data.Transitions, key: jax.Array, args: Args,
+def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
            opt: Optimisers) -> tuple[AgentState, dict]:
     """`policy_delay` critic updates, then one actor update and the target updates
     (the actor uses the last critic minibatch, as in the original code)."""
@@ -246,7 +253,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
                           opt.actor.init(eqx.filter(actor, eqx.is_inexact_array)),
                           opt.critic.init(eqx.filter(critic, eqx.is_inexact_array)))
 
-    def train_chunk(dataset: data.Transitions, state: AgentState, key: jax.Array):
+    def train_chunk(dataset: Transitions, state: AgentState, key: jax.Array):
         arrays, static = eqx.partition(state, eqx.is_array)  # lax.scan carries arrays only
 
         def step(carry, _):
@@ -262,6 +269,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
         return state, key, metrics
 
     init_v = eqx.filter_jit(eqx.filter_vmap(init))
+    # donate: the state and keys passed in are replaced by the outputs, so XLA may reuse their buffers
     train_v = eqx.filter_jit(eqx.filter_vmap(train_chunk, in_axes=(None, eqx.if_array(0), eqx.if_array(0))),
                             donate="all-except-first")
     return init_v, train_v
@@ -276,6 +284,8 @@ def act(actors: Actor, obs: jax.Array, obs_mean: jax.Array, obs_std: jax.Array) 
 
 # ============================================================================ main
 def main(args: Args) -> dict:
+    from common import data, evaluation, runlog, sharding  # the runner's plumbing; nothing above needs it
+
     check_args(args)
     seeds = [args.seed + i for i in range(args.num_seeds)]
 
@@ -285,7 +295,7 @@ def main(args: Args) -> dict:
         obs_mean, obs_std = raw.obs.mean(0), raw.obs.std(0) + 1e-3
     else:
         obs_mean, obs_std = np.zeros(spec.obs_dim, np.float32), np.ones(spec.obs_dim, np.float32)
-    dataset = data.Transitions(
+    dataset = Transitions(
         obs=jnp.asarray((raw.obs - obs_mean) / obs_std), action=jnp.asarray(raw.action),
         reward=jnp.asarray(raw.reward), next_obs=jnp.asarray((raw.next_obs - obs_mean) / obs_std),
         done=jnp.asarray(raw.done))
@@ -333,4 +343,6 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+    import tyro
+
     main(tyro.cli(Args))

@@ -10,7 +10,7 @@
    (local cache first, then Minari's remote).
 3. A path to a local file in D4RL's HDF5 layout.
 4. `ours/<GymnasiumEnvId>/<split>` (e.g. `ours/Hopper-v5/medium`): a dataset this project generated
-   with `python -m common.make_dataset`, stored under `datasets/ours/`. These are *not* D4RL data:
+   with `python -m tools.make_dataset`, stored under `datasets/ours/`. These are *not* D4RL data:
    other simulator versions, other policies. Their names say so on purpose.
 
 Transitions follow `d4rl.qlearning_dataset` semantics: `done` is the terminal flag only (a
@@ -203,7 +203,7 @@ def _load_ours(env: str, dataset_dir) -> tuple[Transitions, EnvSpec]:
     if not file.is_file():
         available = sorted(str(p.relative_to(root))[: -len(".hdf5")] for p in root.glob("ours/*/*.hdf5"))
         parts = env.split("/")
-        hint = f"python -m common.make_dataset --env {parts[1]}" if len(parts) == 3 else "python -m common.make_dataset --help"
+        hint = f"python -m tools.make_dataset --env {parts[1]}" if len(parts) == 3 else "python -m tools.make_dataset --help"
         raise FileNotFoundError(
             f"{env}: {file} does not exist. Datasets we have: {available or 'none'}. Generate it with `{hint}`."
         )
@@ -233,7 +233,7 @@ def _load_file(path: Path, name: str, source: str, spec_fields: dict | None = No
         meta = _read_metadata(f)
 
     fields = dict(spec_fields or {})
-    if "env_id" in meta:  # files written by common.make_dataset (or annotated by a user)
+    if "env_id" in meta:  # files written by tools.make_dataset (or annotated by a user)
         fields.setdefault("eval_env_id", str(meta["env_id"]))
         fields.setdefault("eval_env_kwargs", json.loads(str(meta.get("env_kwargs", "{}"))))
     for key in ("max_episode_steps", "ref_min_score", "ref_max_score"):

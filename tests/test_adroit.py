@@ -1,7 +1,7 @@
-"""D4RL Adroit evaluation envs (common/envs/adroit.py) and the door-human replay (common/door_human.py).
+"""D4RL Adroit evaluation envs (common/envs/adroit.py) and the door-human replay (tools/door_human.py).
 
 The replay tests need the original demonstrations, door-human-demos.npz ($DOOR_HUMAN_DEMOS,
-datasets/raw/ or ../shared/data/, see common.door_human.find_demos); they are skipped, saying so,
+or datasets/raw/, see tools.door_human.find_demos); they are skipped, saying so,
 when it is absent.
 """
 
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import common.envs  # noqa: F401  (registers the D4RL names)
-from common import data, door_human, scores
+from common import data, scores
+from tools import door_human
 from common.envs import adroit
 
 ROOT = Path(__file__).resolve().parents[1]

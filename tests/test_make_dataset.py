@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from algorithms import sac
-from common import data, make_dataset, scores
+from common import data, scores
+from tools import make_dataset
 
 ENV = "InvertedDoublePendulum-v5"  # true terminations (it falls over) and 1000-step time limits
 TINY = dict(env=ENV, sac_steps=400, sac_learning_starts=100, checkpoint_every=100, sac_hidden_dim=32,

@@ -42,7 +42,7 @@ reward and termination put back. Item by item:
   actuators - are the same, except the obsolete `apirate` option), but they run on MuJoCo 3.11
   instead of MuJoCo 2.0 through mujoco-py, and contact-rich hand motion amplifies small differences.
   Measured by replaying the 25 door-human demonstrations (clipped actions, from their recorded start
-  states; `python -m common.door_human`) against the observations and rewards stored with them:
+  states; `python -m tools.door_human`) against the observations and rewards stored with them:
   median |observation deviation| 0.0016 (p99 0.18); the first observation of a demo deviates up to
   0.51 in the arm/wrist joints (the stored first observation is not exactly the recorded start state);
   later deviations reach 1.58 rad on single finger joints and 0.39 rad on the latch/door hinge; the

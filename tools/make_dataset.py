@@ -1,7 +1,7 @@
 """Make offline datasets ourselves, following D4RL's protocol for its gym-locomotion data.
 
-    python -m common.make_dataset --env Hopper-v5 --sac-steps 300000          # train, then write 5 splits
-    python -m common.make_dataset --env Hopper-v5 --describe                  # statistics of the written files
+    python -m tools.make_dataset --env Hopper-v5 --sac-steps 300000          # train, then write 5 splits
+    python -m tools.make_dataset --env Hopper-v5 --describe                  # statistics of the written files
 
 1. Train one online SAC agent (algorithms/sac.py, 256-256 networks, auto-entropy) on the gymnasium env,
    keeping every transition it sees and a policy checkpoint every `checkpoint_every` env steps,
@@ -351,7 +351,7 @@ def main(args: Args) -> dict[str, Path]:
         return {}
     sac_dir = work / "sac"
     work.mkdir(parents=True, exist_ok=True)
-    command = "python -m common.make_dataset " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python -m tools.make_dataset " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     # --- 1. SAC (resumes from the work dir's last checkpoint)
     t0 = time.time()
@@ -404,7 +404,7 @@ def main(args: Args) -> dict[str, Path]:
         "ref_score_episodes": args.ref_episodes,
         "ref_min_policy": "uniform random actions in [-1, 1]",
         "ref_max_policy": f"SAC expert (step {expert_step}), deterministic tanh(mean)",
-        "algorithm": "SAC", "generator": "common.make_dataset", "seed": args.seed, "command": command,
+        "algorithm": "SAC", "generator": "tools.make_dataset", "seed": args.seed, "command": command,
         "sac_total_steps": args.sac_steps, "sac_args": json.dumps(dataclasses.asdict(sac.load_args(sac_dir))),
         "medium_step": medium_step, "medium_selection": rule, "expert_step": expert_step,
         "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

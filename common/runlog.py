@@ -39,8 +39,9 @@ PACKAGES = ["jax", "jaxlib", "equinox", "optax", "distrax", "blackjax", "tyro", 
 
 
 def default_run_dir(algo: str, env: str, seed: int) -> Path:
+    """runs/<algo>__<env>__seed<seed>__<time> under the working directory (as CleanRL does)."""
     safe_env = env.replace("/", "_").replace(".hdf5", "")
-    return REPO_ROOT / "runs" / f"{algo}__{Path(safe_env).name}__seed{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path.cwd() / "runs" / f"{algo}__{Path(safe_env).name}__seed{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def provenance() -> dict[str, Any]:

@@ -1,10 +1,10 @@
 """Rebuild D4RL's `door-human` dataset from the original human demonstrations.
 
-    python -m common.door_human                       # -> datasets/ours/AdroitHandDoor-v1/human.hdf5
-    python -m common.door_human --episodes 3 --out /tmp/door3.hdf5
+    python -m tools.door_human                       # -> datasets/ours/AdroitHandDoor-v1/human.hdf5
+    python -m tools.door_human --episodes 3 --out /tmp/door3.hdf5
 
-Input: `door-human-demos.npz` ($DOOR_HUMAN_DEMOS, `datasets/raw/` or the workplace's
-`shared/data/`, see `find_demos`; described in shared/data/README.md): the 25 CyberGlove
+Input: `door-human-demos.npz` ($DOOR_HUMAN_DEMOS or `datasets/raw/`, see `find_demos`;
+described in datasets/raw/README.md): the 25 CyberGlove
 tele-operation demonstrations of the Adroit door task from `aravindr93/hand_dapg`
 (`door-v0_demos.pickle`, Apache-2.0), the same demonstrations D4RL's `door-human-v1` file was made
 from. D4RL made that file (scripts/generation/hand_dapg_demos.py) by setting each demo's recorded
@@ -42,20 +42,16 @@ DEMOS_NAME = "door-human-demos.npz"
 
 
 def find_demos() -> Path:
-    """Where the demos are looked for: $DOOR_HUMAN_DEMOS, then datasets/raw/ in the repository, then
-    the workplace's shared data folder next to the repository (the first that exists; else the last)."""
-    candidates = [REPO_ROOT / "datasets" / "raw" / DEMOS_NAME, REPO_ROOT.parent / "shared" / "data" / DEMOS_NAME]
+    """Where the demos are: $DOOR_HUMAN_DEMOS if set, else datasets/raw/ in the repository."""
     if os.environ.get("DOOR_HUMAN_DEMOS"):
-        candidates.insert(0, Path(os.environ["DOOR_HUMAN_DEMOS"]).expanduser())
-    return next((p for p in candidates if p.is_file()), candidates[-1])
+        return Path(os.environ["DOOR_HUMAN_DEMOS"]).expanduser()
+    return REPO_ROOT / "datasets" / "raw" / DEMOS_NAME
 
-
-DEMOS = find_demos()
 DEFAULT_OUT = data.OURS_DIR / "ours" / "AdroitHandDoor-v1" / "human.hdf5"
 D4RL_NAME = "door-human-v1"
 DOOR_OPEN_DIM = 38  # the +-1 door-open flag of the observation
 SOURCE = (
-    "Replay made by this project (common/door_human.py) of the 25 human door demonstrations of "
+    "Replay made by this project (tools/door_human.py) of the 25 human door demonstrations of "
     "aravindr93/hand_dapg (dapg/demonstrations/door-v0_demos.pickle, Apache-2.0) in gymnasium-robotics "
     "AdroitHandDoor-v1 on MuJoCo 3 with D4RL's door reward, following D4RL's "
     "scripts/generation/hand_dapg_demos.py (recorded start states, actions clipped to [-1, 1]). "
@@ -63,9 +59,9 @@ SOURCE = (
 )
 
 
-def load_demos(path: str | Path = DEMOS) -> list[dict]:
+def load_demos(path: str | Path | None = None) -> list[dict]:
     """The demos as a list of {'observations', 'actions', 'rewards', 'init_state_dict'} (float64)."""
-    with np.load(path) as f:
+    with np.load(path if path is not None else find_demos()) as f:
         arrays = {k: f[k] for k in f.files}
     bounds = np.concatenate([[0], np.cumsum(arrays["episode_lengths"].astype(int))])
     return [
@@ -162,9 +158,9 @@ def metadata(stats: dict, demos_path: Path) -> dict:
     }
 
 
-def build(out: str | Path = DEFAULT_OUT, demos_path: str | Path = DEMOS, episodes: int | None = None) -> dict:
+def build(out: str | Path = DEFAULT_OUT, demos_path: str | Path | None = None, episodes: int | None = None) -> dict:
     """Replay the first `episodes` demos (all by default), write the file, return the statistics."""
-    demos_path = Path(demos_path)
+    demos_path = Path(demos_path) if demos_path is not None else find_demos()
     demos = load_demos(demos_path)[:episodes]
     arrays, stats = replay(demos)
     data.write_d4rl_hdf5(out, arrays, metadata(stats, demos_path))
@@ -174,7 +170,7 @@ def build(out: str | Path = DEFAULT_OUT, demos_path: str | Path = DEMOS, episode
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output HDF5 file")
-    parser.add_argument("--demos", default=str(DEMOS), help="door-human-demos.npz")
+    parser.add_argument("--demos", default=str(find_demos()), help="door-human-demos.npz")
     parser.add_argument("--episodes", type=int, default=None, help="replay only the first N demos")
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -1,0 +1,1 @@
+"""Commands that make this project's datasets (they use the algorithms; common/ never does)."""
