@@ -52,6 +52,7 @@ class Sweep:
     eval_every: int = 10_000
     log_every: int = 1000
     common_flags: str = ""  # passed to every run (e.g. a smaller network for a CPU budget)
+    smoke: bool = False  # a smoke budget: shows the pipeline runs, not performance; the report keeps it out of the main table
 
 
 ALGOS = {"td3_bc": "td3_bc", "cql": "cql", "misa": "misa", "misa_dv": "misa_dv", "misa_f": "misa_f"}
@@ -70,9 +71,9 @@ TABLE2 = {
 }
 # What this 2-core CPU can afford: 64-wide networks, K = 10 samples (MISA's and CQL's default is
 # 50 / 10), 1000 updates. That is 0.1 % of the paper's budget: these runs show the pipeline and
-# the early learning phase, not final performance.
+# the early learning phase, not final performance: smoke runs.
 CPU_BUDGET = dict(num_seeds=5, num_updates=1000, eval_every=250, log_every=250,
-                  common_flags="--hidden-dim 64 --eval-episodes 10")
+                  common_flags="--hidden-dim 64 --eval-episodes 10", smoke=True)
 SWEEPS = {
     "cpu-hopper": Sweep(
         "every algorithm on the five splits of ours/Hopper-v5 (this project's datasets, not D4RL), CPU budget",
@@ -136,7 +137,7 @@ def machine() -> str:
     return f"{len(devices)} x {devices[0].platform} ({kind}), {os.cpu_count()} CPU cores, {platform.node()}"
 
 
-def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: float, where: str) -> dict:
+def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: float, where: str, smoke: bool) -> dict:
     """What the report needs from a finished run directory, small enough to commit."""
     rd = run_dir(sweep, label, dataset)
     results = json.loads((rd / "results.json").read_text())
@@ -159,7 +160,7 @@ def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: floa
         "metric": results["metric"], "seeds": results["seeds"], "episodes_per_seed": results["episodes_per_seed"],
         "final_per_seed": results["final_per_seed"], "final_mean": results["final_mean"], "final_std": results["final_std"],
         "curve": per_seed(curve), "diagnostics": {name: per_seed(c) for name, c in diagnostics.items()},
-        "wall_time_s": wall_s, "machine": where, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "wall_time_s": wall_s, "machine": where, "smoke": smoke, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
 
@@ -190,7 +191,7 @@ def run(sweep: str, dry_run: bool = False, only: list[str] | None = None, sw: Sw
                 wall_file.write_text(json.dumps({"seconds": spent + time.time() - t}))
         wall = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else float("nan")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summarise(sweep, label, dataset, cmd, wall, where), indent=1) + "\n")
+        out.write_text(json.dumps(summarise(sweep, label, dataset, cmd, wall, where, sw.smoke), indent=1) + "\n")
         print(f"{head}: {wall / 60:.1f} min, summary in {out}", flush=True)
 
 
