@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -129,12 +128,22 @@ def command(sw: Sweep, sweep: str, label: str, dataset: str) -> list[str]:
             *shlex.split(sw.common_flags), *flags]
 
 
-def machine() -> str:
-    import jax
+def checkout_env() -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH: a run (and a submitit job) imports this
+    checkout's common/ and benchmarks/, not those of whichever checkout is pip-installed."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
 
-    devices = jax.devices()
-    kind = devices[0].device_kind if devices[0].platform != "cpu" else platform.processor() or platform.machine()
-    return f"{len(devices)} x {devices[0].platform} ({kind}), {os.cpu_count()} CPU cores, {platform.node()}"
+
+def machine() -> str:
+    """The devices a run sees, asked of a separate interpreter: the sweep process itself never opens the
+    accelerator (a GPU context, or JAX's preallocation, would take memory from the run it launches) and
+    starts no JAX threads (it forks the runs)."""
+    probe = ("import jax, os, platform; d = jax.devices(); "
+             "kind = d[0].device_kind if d[0].platform != 'cpu' else platform.processor() or platform.machine(); "
+             "print(f'{len(d)} x {d[0].platform} ({kind}), {os.cpu_count()} CPU cores, {platform.node()}')")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
 
 
 def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: float, where: str, smoke: bool) -> dict:
@@ -167,7 +176,7 @@ def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: floa
 def run(sweep: str, dry_run: bool = False, only: list[str] | None = None, sw: Sweep | None = None) -> None:
     """Run the named sweep (or `sw`, a variation of it, stored under the same name)."""
     sw = sw or SWEEPS[sweep]
-    where = machine()
+    where = None  # asked once a run has finished (a subprocess: not needed for dry runs or finished sweeps)
     pairs = [(label, ds) for ds in sw.datasets for label in sw.variants if not only or label in only]
     for i, (label, dataset) in enumerate(pairs, 1):
         cmd, rd, out = command(sw, sweep, label, dataset), run_dir(sweep, label, dataset), summary_path(sweep, label, dataset)
@@ -185,11 +194,12 @@ def run(sweep: str, dry_run: bool = False, only: list[str] | None = None, sw: Sw
             spent = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0
             t = time.time()
             try:
-                subprocess.run([sys.executable, *cmd[1:], *resume], cwd=ROOT, check=True)
+                subprocess.run([sys.executable, *cmd[1:], *resume], cwd=ROOT, check=True, env=checkout_env())
             finally:  # an interrupted run keeps the time it has spent, and resumes next time
                 rd.mkdir(parents=True, exist_ok=True)
                 wall_file.write_text(json.dumps({"seconds": spent + time.time() - t}))
         wall = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else float("nan")
+        where = where or machine()
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summarise(sweep, label, dataset, cmd, wall, where, sw.smoke), indent=1) + "\n")
         print(f"{head}: {wall / 60:.1f} min, summary in {out}", flush=True)
