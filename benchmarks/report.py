@@ -1,35 +1,59 @@
-"""Build results/README.md (tables + learning-curve PNGs) from the committed run summaries.
+"""Build results/README.md (tables, grid statistics, learning-curve and diagnostics PNGs) from the
+committed run summaries.
 
-    python benchmarks/report.py
+    python benchmarks/report.py                        # 2000 bootstrap resamples, seed 0
+    python benchmarks/report.py --reps 50000 --seed 1  # rliable's default number of resamples
 
 Reads `results/summaries/<sweep>/*.json` (written by `benchmarks/sweep.py` when a run finishes)
 and `results/speed.json` (written by `benchmarks/speed.py`); nothing else. Every number in the
-README it writes comes from those files.
+README it writes comes from those files. Over a sweep's grid (tasks = datasets, runs = seeds) it
+reports, with the `rliable` library, the interquartile mean of each variant's final scores and the
+probability that MISA improves on CQL and on TD3+BC, each with a 95 % stratified-bootstrap confidence
+interval. Sweeps declared `smoke=True` in `benchmarks/sweep.py` go to a separate, labelled section.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import shlex
+import sys
 from collections import defaultdict
+from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
-
 
 import numpy as np
 import tyro
 
-from benchmarks import paper_scores
-from benchmarks import sweep as sweeps
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's benchmarks/, not whichever checkout is pip-installed
+
+from benchmarks import paper_scores  # noqa: E402
+from benchmarks import sweep as sweeps  # noqa: E402
+
 NAMES = {"td3_bc": "TD3+BC", "cql": "CQL", "misa": "MISA", "misa_dv": "MISA-DV", "misa_f": "MISA-f"}
+# MISA's sampler and regulariser health, plotted per run where the summary holds them
+MISA_DIAGNOSTICS = ["hmc_acceptance", "hmc_step", "q_data", "mi_regulariser"]
+COMPARISONS = [("misa", "cql"), ("misa", "td3_bc")]  # probability of improvement of the first over the second
 
 
 @dataclasses.dataclass
 class Config:
     results: str = "results"
     """folder holding summaries/ and speed.json; README.md and plots/ are written there"""
+    reps: int = 2000
+    """bootstrap resamples per confidence interval (rliable's stratified bootstrap)"""
+    seed: int = 0
+    """seed of the bootstrap resampling, so that the report is reproducible"""
+
+
+def command_line(cfg: Config) -> str:
+    """The command that reproduces this report's statistics."""
+    flags = [] if cfg.results == "results" else ["--results", cfg.results]
+    return shlex.join(["python", "benchmarks/report.py", *flags, "--reps", str(cfg.reps), "--seed", str(cfg.seed)])
 
 
 def load_summaries(results: Path) -> dict[str, list[dict]]:
@@ -43,7 +67,122 @@ def load_summaries(results: Path) -> dict[str, list[dict]]:
 def cell(s: dict | None) -> str:
     if s is None:
         return "not run"
-    return f"{s['final_mean']:.1f} ± {s['final_std']:.1f}"
+    return f"{s['final_mean']:.1f} ± {s['final_std']:.1f} ({len(s['final_per_seed'])} seeds × {s['episodes_per_seed']} ep)"
+
+
+@contextlib.contextmanager
+def seeded_numpy(seed: int) -> Iterator[None]:
+    # rliable 1.2.0's StratifiedBootstrap draws its resampling indices from numpy's global generator
+    # (np.random.choice) and ignores `random_state`; seeding the global generator is what makes it repeatable
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+@dataclasses.dataclass
+class GridStats:
+    """Aggregates over a sweep's grid: point estimate and 95 % CI, (point, low, high)."""
+
+    datasets: list[str]
+    iqm: dict[str, tuple[float, float, float]]  # label -> interquartile mean of the final scores
+    improvement: dict[tuple[str, str], tuple[float, float, float]]  # (x, y) labels -> P(X > Y)
+    runs: dict[str, int]  # label -> seeds per dataset
+    left_out: dict[str, str]  # label -> why it is not in the statistics
+
+
+def score_matrix(runs: list[dict], label: str, datasets: list[str]) -> np.ndarray | str:
+    """(seeds, datasets) final scores of one variant, rliable's layout; or why there is none."""
+    index = {r["dataset"]: r for r in runs if r["label"] == label}
+    missing = [d for d in datasets if d not in index]
+    if missing:
+        return f"not run on {', '.join(f'`{d}`' for d in missing)}"
+    columns = [np.asarray(index[d]["final_per_seed"], dtype=float) for d in datasets]
+    if len({len(c) for c in columns}) > 1:
+        return "different numbers of seeds on different datasets"
+    m = np.stack(columns, axis=1)
+    if not np.isfinite(m).all():
+        return "a non-finite final score"
+    return m
+
+
+def comparison_label(labels: list[str], algo_of: dict[str, str], algo: str) -> str | None:
+    """The variant that stands for an algorithm: the one named after it, else its only variant."""
+    if algo in labels:
+        return algo
+    of_algo = [lab for lab in labels if algo_of[lab] == algo]
+    return of_algo[0] if len(of_algo) == 1 else None
+
+
+def grid_statistics(runs: list[dict], labels: list[str], datasets: list[str], reps: int, seed: int) -> GridStats:
+    """IQM per variant and MISA's probability of improvement, rliable's stratified bootstrap (over seeds,
+    within each dataset). Each interval is seeded on its own, so it does not depend on the other variants."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    matrices, left_out = {}, {}
+    for lab in labels:
+        m = score_matrix(runs, lab, datasets)
+        if isinstance(m, str):
+            left_out[lab] = m
+        else:
+            matrices[lab] = m
+    iqm = {}
+    for lab, m in matrices.items():
+        with seeded_numpy(seed):
+            point, ci = rly.get_interval_estimates({lab: m}, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=reps)
+        iqm[lab] = (float(point[lab][0]), float(ci[lab][0, 0]), float(ci[lab][1, 0]))
+    algo_of = {r["label"]: r["algo"] for r in runs}
+    improvement = {}
+    for x_algo, y_algo in COMPARISONS:
+        x, y = (comparison_label(list(matrices), algo_of, a) for a in (x_algo, y_algo))
+        if x is None or y is None:
+            continue
+        with seeded_numpy(seed):
+            point, ci = rly.get_interval_estimates({"xy": (matrices[x], matrices[y])},
+                                                   metrics.probability_of_improvement, reps=reps)
+        improvement[(x, y)] = (float(point["xy"]), float(ci["xy"][0, 0]), float(ci["xy"][1, 0]))
+    return GridStats(datasets, iqm, improvement, {lab: m.shape[0] for lab, m in matrices.items()}, left_out)
+
+
+def statistics_lines(stats: GridStats, algo_of: dict[str, str], metric: str, cfg: Config) -> list[str]:
+    n = len(stats.datasets)
+    out = [f"Over the grid ({n} dataset{'s' * (n > 1)} as tasks, the seeds of each as runs): the interquartile "
+           f"mean (IQM) of the final scores, and the probability of improvement P(X > Y) (the chance that a run of "
+           f"X beats a run of Y on a dataset, averaged over datasets), each with a 95 % stratified-bootstrap "
+           f"confidence interval ({cfg.reps} resamples of the seeds within each dataset, percentile method). "
+           f"Computed with rliable {_version('rliable')} by `{command_line(cfg)}`.", ""]
+    if not metric.startswith("normalised"):
+        out += [f"The scores are {metric}: not normalised, so datasets with large returns weigh more.", ""]
+    if stats.iqm:
+        out += ["| variant | IQM | 95 % CI | runs |", "|---|---|---|---|"]
+        for lab, (point, low, high) in stats.iqm.items():
+            out.append(f"| {NAMES.get(lab, lab)} | {point:.1f} | [{low:.1f}, {high:.1f}] | "
+                       f"{stats.runs[lab]} seeds × {n} dataset{'s' * (n > 1)} |")
+    if stats.left_out:
+        out += [""] + [f"- {NAMES.get(lab, lab)} is left out of the statistics: {why}." for lab, why in stats.left_out.items()]
+    out.append("")
+    if stats.improvement:
+        out += ["| comparison | P(X > Y) | 95 % CI |", "|---|---|---|"]
+        for (x, y), (point, low, high) in stats.improvement.items():
+            out.append(f"| {NAMES.get(x, x)} over {NAMES.get(y, y)} | {point:.2f} | [{low:.2f}, {high:.2f}] |")
+        out.append("")
+    for a, b in COMPARISONS:
+        if not any(algo_of.get(x) == a and algo_of.get(y) == b for x, y in stats.improvement):
+            lacking = [NAMES.get(c, c) for c in (a, b) if comparison_label(list(stats.iqm), algo_of, c) is None]
+            out.append(f"- {NAMES.get(a, a)} over {NAMES.get(b, b)}: not computed, no single variant of "
+                       f"{' nor of '.join(lacking)} with a complete grid in this sweep.")
+    out.append("")
+    return out
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 def budget(runs: list[dict]) -> str:
@@ -82,7 +221,39 @@ def plot_curves(runs: list[dict], dataset: str, path: Path) -> None:
     plt.close(fig)
 
 
-def sweep_section(name: str, runs: list[dict], results: Path) -> list[str]:
+def plot_diagnostics(run: dict, path: Path) -> None:
+    """One panel per MISA diagnostic: each seed thin, their mean thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in MISA_DIAGNOSTICS if n in run["diagnostics"]]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        d = run["diagnostics"][name]
+        x = np.asarray(d["updates"])
+        y = np.asarray([[v if v is not None else np.nan for v in row] for row in d["per_seed"]], float)
+        ax.plot(x, y, lw=0.7, alpha=0.5)
+        ax.plot(x, np.nanmean(y, 1), lw=2, color="k", label="mean over seeds")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("updates")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{run['label']} on {run['dataset']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def is_smoke(name: str, runs: list[dict]) -> bool:
+    """Declared by the sweep (sweep.py), or recorded in its summaries (a sweep no longer defined)."""
+    sw = sweeps.SWEEPS.get(name)
+    return bool(sw and sw.smoke) or any(r.get("smoke") for r in runs)
+
+
+def sweep_section(name: str, runs: list[dict], results: Path, cfg: Config) -> list[str]:
     sw = sweeps.SWEEPS.get(name)
     labels = list(sw.variants) if sw else sorted({r["label"] for r in runs})
     datasets = list(sw.datasets) if sw else sorted({r["dataset"] for r in runs})
@@ -93,7 +264,11 @@ def sweep_section(name: str, runs: list[dict], results: Path) -> list[str]:
     with_paper = [lab for lab in labels if lab == algo_of[lab] and any(
         paper_scores.paper_score(d, algo_of[lab]) is not None for d in datasets)]
 
-    out = [f"## Sweep `{name}`", ""]
+    smoke = is_smoke(name, runs)
+    out = [f"### Sweep `{name}`{' (smoke run)' if smoke else ''}", ""]
+    if smoke:
+        out += ["> **Smoke run**: a budget far below the paper's (see Budget). These numbers show that the "
+                "pipeline runs end to end; they say nothing about the algorithms' final performance.", ""]
     if sw:
         out += [f"{sw.description}.", ""]
     machines = sorted({r["machine"] for r in runs})
@@ -103,8 +278,9 @@ def sweep_section(name: str, runs: list[dict], results: Path) -> list[str]:
             f"(each run trains all its seeds at once, vmapped). Code: commit "
             f"{', '.join(sorted({(r.get('git_commit') or '?')[:7] for r in runs}))}.",
             f"- **Reproduce**: `python benchmarks/sweep.py run {name}` then `python benchmarks/report.py`.",
-            f"- **Score**: final {runs[0]['metric']} (evaluation after the last update), mean ± std over seeds; "
-            f"{'/'.join(str(e) for e in sorted({r['episodes_per_seed'] for r in runs}))} evaluation episodes per seed.", ""]
+            f"- **Score**: final {runs[0]['metric']} (evaluation after the last update). A cell is the mean ± std "
+            f"(population, ddof 0) over seeds of each seed's mean over its evaluation episodes, and in brackets "
+            f"the number of seeds × evaluation episodes per seed.", ""]
     if any(d.startswith("ours/") for d in datasets):
         out += ["`ours/...` datasets are this project's own (see `datasets.md`), **not D4RL**: their scores "
                 "use their own reference returns and cannot be compared with published D4RL numbers, so no "
@@ -140,7 +316,9 @@ def sweep_section(name: str, runs: list[dict], results: Path) -> list[str]:
     if with_paper:
         out += ["", f"Paper columns: {paper_scores.PAPER_SOURCE} (`benchmarks/paper_scores.py`)."]
 
-    out += ["", "Wall time per run (minutes, all seeds together, compile and evaluation included):", "",
+    out += [""] + statistics_lines(grid_statistics(runs, labels, datasets, cfg.reps, cfg.seed), algo_of,
+                                   runs[0]["metric"], cfg)
+    out += ["Wall time per run (minutes, all seeds together, compile and evaluation included):", "",
             "| dataset | " + " | ".join(NAMES.get(lab, lab) for lab in labels) + " |",
             "|" + "---|" * (len(labels) + 1)]
     for d in datasets:
@@ -152,6 +330,19 @@ def sweep_section(name: str, runs: list[dict], results: Path) -> list[str]:
         png = Path("plots") / name / f"{sweeps.slug(d)}.png"
         plot_curves([index[(lab, d)] for lab in labels if (lab, d) in index], d, results / png)
         out.append(f"![{d}]({png.as_posix()})")
+    with_diag = [index[(lab, d)] for d in datasets for lab in labels if (lab, d) in index
+                 and index[(lab, d)]["algo"].startswith("misa")]
+    with_diag = [r for r in with_diag if any(n in r.get("diagnostics", {}) for n in MISA_DIAGNOSTICS)]
+    if with_diag:
+        out += ["", f"<details><summary>MISA diagnostics per run ({', '.join(MISA_DIAGNOSTICS)}; "
+                    f"training metrics, each seed and their mean)</summary>", ""]
+        for r in with_diag:
+            png = Path("plots") / name / "diagnostics" / f"{sweeps.slug(r['label'])}__{sweeps.slug(r['dataset'])}.png"
+            plot_diagnostics(r, results / png)
+            out.append(f"![{r['label']} on {r['dataset']}]({png.as_posix()})")
+        out += ["", "</details>"]
+    elif any(r["algo"].startswith("misa") for r in runs):
+        out += ["", "No MISA diagnostics in these summaries (written before `sweep.py` kept the training metrics)."]
     out += ["", "<details><summary>Commands</summary>", ""]
     out += [f"- `{index[(lab, d)]['command']}`" for d in datasets for lab in labels if (lab, d) in index]
     out += ["", "</details>", ""]
@@ -179,16 +370,33 @@ def speed_section(results: Path) -> list[str]:
 
 
 def main(cfg: Config) -> None:
+    if cfg.reps < 1:
+        raise SystemExit(f"--reps must be at least 1 (got {cfg.reps})")
     results = ROOT / cfg.results
+    if not (results / "summaries").is_dir():
+        raise SystemExit(f"no summaries folder in {results}: give --results the folder that holds summaries/")
     by_sweep = load_summaries(results)
     order = [n for n in sweeps.SWEEPS if n in by_sweep] + sorted(set(by_sweep) - set(sweeps.SWEEPS))
+    main_sweeps = [n for n in order if not is_smoke(n, by_sweep[n])]
+    smoke_sweeps = [n for n in order if is_smoke(n, by_sweep[n])]
     lines = ["# Results", "",
              "Generated by `python benchmarks/report.py` from the run summaries in `summaries/` "
-             "(one JSON per run, written by `benchmarks/sweep.py`) and `speed.json`. Do not edit by hand.", ""]
+             "(one JSON per run, written by `benchmarks/sweep.py`) and `speed.json`. Do not edit by hand. "
+             f"This copy, with its bootstrap statistics: `{command_line(cfg)}`.", "",
+             "## Main results", ""]
     if not order:
         lines += ["No runs yet: `python benchmarks/sweep.py run cpu-hopper`.", ""]
-    for name in order:
-        lines += sweep_section(name, by_sweep[name], results)
+    elif not main_sweeps:
+        lines += ["No full-budget sweep has finished yet: only the smoke runs below, which are not results.", ""]
+    for name in main_sweeps:
+        lines += sweep_section(name, by_sweep[name], results, cfg)
+    if smoke_sweeps:
+        lines += ["## Smoke runs (not benchmark results)", "",
+                  "Sweeps declared `smoke=True` in `benchmarks/sweep.py`: small networks and a tiny fraction of the "
+                  "paper's updates, so that the whole pipeline runs on a 2-core CPU. They are kept out of the "
+                  "main results above.", ""]
+        for name in smoke_sweeps:
+            lines += sweep_section(name, by_sweep[name], results, cfg)
     lines += speed_section(results)
     lines += ["## Other records", "",
               "- `datasets.md`: how the `ours/Hopper-v5` datasets were made.",

@@ -3,6 +3,7 @@
     python benchmarks/sweep.py run cpu-hopper            # train (skips finished runs, resumes the rest)
     python benchmarks/sweep.py run cpu-hopper --dry-run  # print the commands only
     python benchmarks/sweep.py wandb cpu-hopper          # write results/sweeps/cpu-hopper.yaml for `wandb sweep`
+    python benchmarks/sweep.py slurm paper --partition gpu --time-min 1440   # a SLURM job array via submitit
     python benchmarks/report.py                          # results/README.md from the summaries
 
 A run is the algorithm script itself, launched as a user would, with `--num-seeds` seeds vmapped
@@ -19,15 +20,19 @@ import csv
 import dataclasses
 import json
 import os
-import platform
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import tyro
+
+if TYPE_CHECKING:  # imported where used: `run`, `list` and the report do without it
+    import submitit
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "sweeps"  # run directories (checkpoints, logs): not committed
@@ -52,6 +57,7 @@ class Sweep:
     eval_every: int = 10_000
     log_every: int = 1000
     common_flags: str = ""  # passed to every run (e.g. a smaller network for a CPU budget)
+    smoke: bool = False  # a smoke budget: shows the pipeline runs, not performance; the report keeps it out of the main table
 
 
 ALGOS = {"td3_bc": "td3_bc", "cql": "cql", "misa": "misa", "misa_dv": "misa_dv", "misa_f": "misa_f"}
@@ -70,9 +76,9 @@ TABLE2 = {
 }
 # What this 2-core CPU can afford: 64-wide networks, K = 10 samples (MISA's and CQL's default is
 # 50 / 10), 1000 updates. That is 0.1 % of the paper's budget: these runs show the pipeline and
-# the early learning phase, not final performance.
+# the early learning phase, not final performance: smoke runs.
 CPU_BUDGET = dict(num_seeds=5, num_updates=1000, eval_every=250, log_every=250,
-                  common_flags="--hidden-dim 64 --eval-episodes 10")
+                  common_flags="--hidden-dim 64 --eval-episodes 10", smoke=True)
 SWEEPS = {
     "cpu-hopper": Sweep(
         "every algorithm on the five splits of ours/Hopper-v5 (this project's datasets, not D4RL), CPU budget",
@@ -128,15 +134,25 @@ def command(sw: Sweep, sweep: str, label: str, dataset: str) -> list[str]:
             *shlex.split(sw.common_flags), *flags]
 
 
+def checkout_env() -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH: a run (and a submitit job) imports this
+    checkout's common/ and benchmarks/, not those of whichever checkout is pip-installed."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+
 def machine() -> str:
-    import jax
+    """The devices a run sees, asked of a separate interpreter: the sweep process itself never opens the
+    accelerator (a GPU context, or JAX's preallocation, would take memory from the run it launches) and
+    starts no JAX threads (it forks the runs)."""
+    probe = ("import jax, os, platform; d = jax.devices(); "
+             "kind = d[0].device_kind if d[0].platform != 'cpu' else platform.processor() or platform.machine(); "
+             "print(f'{len(d)} x {d[0].platform} ({kind}), {os.cpu_count()} CPU cores, {platform.node()}')")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
 
-    devices = jax.devices()
-    kind = devices[0].device_kind if devices[0].platform != "cpu" else platform.processor() or platform.machine()
-    return f"{len(devices)} x {devices[0].platform} ({kind}), {os.cpu_count()} CPU cores, {platform.node()}"
 
-
-def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: float, where: str) -> dict:
+def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: float, where: str, smoke: bool) -> dict:
     """What the report needs from a finished run directory, small enough to commit."""
     rd = run_dir(sweep, label, dataset)
     results = json.loads((rd / "results.json").read_text())
@@ -159,14 +175,24 @@ def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: floa
         "metric": results["metric"], "seeds": results["seeds"], "episodes_per_seed": results["episodes_per_seed"],
         "final_per_seed": results["final_per_seed"], "final_mean": results["final_mean"], "final_std": results["final_std"],
         "curve": per_seed(curve), "diagnostics": {name: per_seed(c) for name, c in diagnostics.items()},
-        "wall_time_s": wall_s, "machine": where, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "wall_time_s": wall_s, "machine": where, "smoke": smoke, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
 
-def run(sweep: str, dry_run: bool = False, only: list[str] | None = None, sw: Sweep | None = None) -> None:
-    """Run the named sweep (or `sw`, a variation of it, stored under the same name)."""
+def _ignore_cluster_signals() -> None:
+    # In the training process, between fork and exec. SLURM signals every process of a preempted job
+    # (SIGTERM, then submitit's USR2); the run must not die of them before the sweep process has requeued
+    # the job. The sweep process then stops it, and the requeued job resumes from the run's last checkpoint.
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def run(sweep: str, dry_run: bool = False, only: list[str] | None = None, sw: Sweep | None = None,
+        in_job: bool = False) -> None:
+    """Run the named sweep (or `sw`, a variation of it, stored under the same name). `in_job`: this is a
+    submitit job, whose requeue on preemption (not the training process) handles the cluster's signals."""
     sw = sw or SWEEPS[sweep]
-    where = machine()
+    where = None  # asked once a run has finished (a subprocess: not needed for dry runs or finished sweeps)
     pairs = [(label, ds) for ds in sw.datasets for label in sw.variants if not only or label in only]
     for i, (label, dataset) in enumerate(pairs, 1):
         cmd, rd, out = command(sw, sweep, label, dataset), run_dir(sweep, label, dataset), summary_path(sweep, label, dataset)
@@ -184,13 +210,15 @@ def run(sweep: str, dry_run: bool = False, only: list[str] | None = None, sw: Sw
             spent = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0
             t = time.time()
             try:
-                subprocess.run([sys.executable, *cmd[1:], *resume], cwd=ROOT, check=True)
+                subprocess.run([sys.executable, *cmd[1:], *resume], cwd=ROOT, check=True, env=checkout_env(),
+                               preexec_fn=_ignore_cluster_signals if in_job else None)
             finally:  # an interrupted run keeps the time it has spent, and resumes next time
                 rd.mkdir(parents=True, exist_ok=True)
                 wall_file.write_text(json.dumps({"seconds": spent + time.time() - t}))
         wall = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else float("nan")
+        where = where or machine()
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summarise(sweep, label, dataset, cmd, wall, where), indent=1) + "\n")
+        out.write_text(json.dumps(summarise(sweep, label, dataset, cmd, wall, where, sw.smoke), indent=1) + "\n")
         print(f"{head}: {wall / 60:.1f} min, summary in {out}", flush=True)
 
 
@@ -210,9 +238,76 @@ def wandb_sweep(sweep: str) -> Path:
     return path
 
 
+class SweepTask:
+    """One (variant, dataset) run of a sweep, as a submitit job: the single run `run-one` does (without
+    wandb tracking): skipped when its summary exists, `--resume`d when its run directory has a checkpoint.
+
+    submitit's checkpointing protocol: on preemption or timeout it calls `checkpoint` and requeues what
+    that returns, the same run again, which resumes from the checkpoint in its run directory (`--resume`)
+    and writes the summary when it finishes."""
+
+    def __init__(self, sweep: str, sw: Sweep, runs: Path, summaries: Path) -> None:
+        self.sweep, self.sw = sweep, sw
+        self.runs, self.summaries = runs, summaries  # the submitting process's folders, not the job's defaults
+
+    def __call__(self, label: str, dataset: str) -> str:
+        global RUNS, SUMMARIES
+        RUNS, SUMMARIES = self.runs, self.summaries
+        run(self.sweep, only=[label], sw=dataclasses.replace(self.sw, datasets=[dataset]), in_job=True)
+        return str(summary_path(self.sweep, label, dataset))
+
+    def checkpoint(self, label: str, dataset: str) -> submitit.helpers.DelayedSubmission:
+        import submitit
+
+        # nothing to save here: the training process checkpoints at every evaluation into its run directory
+        return submitit.helpers.DelayedSubmission(self, label, dataset)
+
+
+def slurm_sweep(sweep: str, sw: Sweep | None = None, executor: Literal["slurm", "local", "debug"] = "slurm",
+                partition: str | None = None, time_min: int = 24 * 60, gpus_per_task: int = 1, cpus_per_task: int = 8,
+                mem_gb: float = 32.0, log_folder: Path | None = None, max_timeouts: int = 3,
+                dry_run: bool = False) -> list[submitit.Job]:
+    """Submit the sweep's unfinished (variant, dataset) runs as one submitit job array, one run per task,
+    and return the jobs. `executor` is submitit's cluster: slurm, local (subprocesses here) or debug (in
+    this process, when a job's result is asked for). `dry_run`: print what would be submitted."""
+    import submitit
+
+    sw = sw or SWEEPS[sweep]
+    pairs = [(label, ds) for ds in sw.datasets for label in sw.variants if not summary_path(sweep, label, ds).exists()]
+    done = len(sw.datasets) * len(sw.variants) - len(pairs)
+    if not pairs:
+        print(f"{sweep}: all {done} runs are done")
+        return []
+    folder = log_folder or ROOT / "runs" / "slurm" / sweep
+    if dry_run:
+        print(f"{sweep}: would submit {len(pairs)} runs to {executor} ({done} already done), each {gpus_per_task} GPUs, "
+              f"{cpus_per_task} CPUs, {mem_gb:g} GB, {time_min} min{f', partition {partition}' if partition else ''}; "
+              f"logs in {folder}")
+        for label, dataset in pairs:
+            print(f"  {shlex.join(command(sw, sweep, label, dataset))}")
+        return []
+    ex = submitit.AutoExecutor(folder=folder, cluster=executor, slurm_max_num_timeout=max_timeouts,
+                               local_max_num_timeout=max_timeouts)
+    ex.update_parameters(name=f"sweep-{sweep}", timeout_min=time_min, nodes=1, tasks_per_node=1,
+                         gpus_per_node=gpus_per_task, cpus_per_task=cpus_per_task, mem_gb=mem_gb,
+                         **({"slurm_partition": partition} if partition else {}))
+    labels, datasets = zip(*pairs)
+    saved = dict(os.environ)
+    os.environ.update(checkout_env())  # jobs take the environment they are submitted with
+    try:
+        jobs = ex.map_array(SweepTask(sweep, sw, RUNS, SUMMARIES), list(labels), list(datasets))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    print(f"{sweep}: submitted {len(jobs)} runs to {executor} ({done} already done); logs in {folder}")
+    for job, (label, dataset) in zip(jobs, pairs):
+        print(f"  job {job.job_id}: {label} on {dataset}")
+    return jobs
+
+
 @dataclasses.dataclass
 class Cli:
-    action: tyro.conf.Positional[Literal["run", "run-one", "wandb", "list"]]
+    action: tyro.conf.Positional[Literal["run", "run-one", "wandb", "slurm", "list"]]
     sweep: tyro.conf.Positional[str] = "cpu-hopper"
     dry_run: bool = False
     """print the commands without running them"""
@@ -220,6 +315,22 @@ class Cli:
     """run-one: the variant to run"""
     dataset: str | None = None
     """run-one: the dataset to run it on"""
+    executor: Literal["slurm", "local", "debug"] = "slurm"
+    """slurm: submitit's executor (local: subprocesses on this machine, all at once; debug: in this process, one by one)"""
+    partition: str | None = None
+    """slurm: the partition (default: the cluster's)"""
+    time_min: int = 24 * 60
+    """slurm: time limit of each run's job, in minutes; a run that hits it is requeued and resumes"""
+    gpus_per_task: int = 1
+    """slurm: GPUs per run"""
+    cpus_per_task: int = 8
+    """slurm: CPU cores per run"""
+    mem_gb: float = 32.0
+    """slurm: memory per run, in GB"""
+    log_folder: str | None = None
+    """slurm: submitit's folder for job scripts, pickles and logs (default runs/slurm/<sweep>)"""
+    max_timeouts: int = 3
+    """slurm: how often a run may be requeued after hitting the time limit (preemptions do not count)"""
 
 
 def main(cli: Cli) -> None:
@@ -234,6 +345,8 @@ def main(cli: Cli) -> None:
         print(f"wrote {wandb_sweep(cli.sweep).relative_to(ROOT)}")
     elif cli.action == "run":
         run(cli.sweep, cli.dry_run)
+    elif cli.action == "slurm":
+        slurm_main(cli)
     else:  # run-one: what a wandb agent calls for one grid point
         sw = SWEEPS[cli.sweep]
         if cli.label not in sw.variants or cli.dataset not in sw.datasets:
@@ -243,5 +356,42 @@ def main(cli: Cli) -> None:
         run(cli.sweep, only=[cli.label], sw=sw)
 
 
+def slurm_main(cli: Cli) -> None:
+    checks = {"--time-min": (cli.time_min >= 1, "at least 1"), "--gpus-per-task": (cli.gpus_per_task >= 0, "0 or more"),
+              "--cpus-per-task": (cli.cpus_per_task >= 1, "at least 1"), "--mem-gb": (cli.mem_gb > 0, "positive"),
+              "--max-timeouts": (cli.max_timeouts >= 0, "0 or more")}
+    bad = [f"{flag} must be {what}" for flag, (ok, what) in checks.items() if not ok]
+    if bad:
+        raise SystemExit("; ".join(bad))
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None] if cli.executor == "slurm" and not cli.dry_run else []
+    if missing:
+        raise SystemExit(f"{' and '.join(missing)} not found: run this on a SLURM login node, or use --executor "
+                         "local to run the jobs on this machine")
+    import submitit
+
+    try:
+        jobs = slurm_sweep(cli.sweep, executor=cli.executor, partition=cli.partition, time_min=cli.time_min,
+                           gpus_per_task=cli.gpus_per_task, cpus_per_task=cli.cpus_per_task, mem_gb=cli.mem_gb,
+                           log_folder=Path(cli.log_folder) if cli.log_folder else None, max_timeouts=cli.max_timeouts,
+                           dry_run=cli.dry_run)
+    except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedSubmissionError) as e:
+        # sbatch refused the array (unknown partition, over a limit...) or answered something unexpected
+        raise SystemExit(f"submission failed: {str(e).strip()}")
+    if cli.executor == "slurm" or not jobs:
+        if jobs:
+            print("follow with squeue; when they finish: python benchmarks/report.py")
+        return
+    # local and debug jobs run here: wait for them, then say which failed
+    failed = [job for job in jobs if job.exception() is not None]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(jobs)} runs failed; logs: "
+                         + ", ".join(str(job.paths.stderr) for job in failed))
+    print(f"all {len(jobs)} runs finished; summaries in {SUMMARIES / cli.sweep}")
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Cli))
+    # run as benchmarks.sweep (this checkout's), not __main__: submitit's jobs unpickle SweepTask by module name
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import sweep as module
+
+    module.main(tyro.cli(module.Cli))
