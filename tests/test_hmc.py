@@ -7,6 +7,8 @@ moments by importance sampling from pi). Training carries the adapted step from 
 next; the tests do the same by calling the sampler a few times and passing the step on.
 """
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -42,17 +44,15 @@ class SharpCritic(eqx.Module):
         return jnp.stack([q, q + 1.0])  # the sampler uses the min over the twin critics
 
 
-def run_sampler(sharpness: float, adapt: bool, chains: str = "sequential", dim: int = 1, skew: float = 0.0,
-                updates: int = 8, seed: int = 0):
-    """`updates` successive calls, as in training: dataset actions drawn from pi, the adapted step
-    carried over. Returns the last call's samples (B, K, dim) and diagnostics."""
+@functools.lru_cache(maxsize=None)
+def sampler_update(adapt: bool, chains: str, dim: int):
+    """One training update's sampling, compiled once per layout (the target is an argument)."""
     args = misa.Args(num_samples=K, hmc_burnin=5, hmc_leapfrog=2, hmc_step_size=1.0, hmc_adapt=adapt, hmc_chains=chains)
     actor = GaussActor(jnp.full(dim, MU), jnp.full(dim, np.log(SIGMA)))
-    critic = SharpCritic(jnp.asarray(sharpness, jnp.float32), skew)
     obs = jnp.zeros((B, 1))
 
-    @jax.jit
-    def one_update(log_step, key):
+    @eqx.filter_jit
+    def one_update(critic, log_step, key):
         start_key, chain_key = jax.random.split(key)
         if chains == "sequential":
             start = MU + SIGMA * jax.random.normal(start_key, (B, dim))  # the dataset actions
@@ -62,9 +62,18 @@ def run_sampler(sharpness: float, adapt: bool, chains: str = "sequential", dim: 
             start = misa.resample_policy_samples(u_policy, q, jax.random.fold_in(start_key, 1), 1.0)
         return misa.sample_improved_actions(actor, critic, obs, start, log_step, chain_key, args)
 
+    return one_update
+
+
+def run_sampler(sharpness: float, adapt: bool, chains: str = "sequential", dim: int = 1, skew: float = 0.0,
+                updates: int = 8, seed: int = 0):
+    """`updates` successive calls, as in training: dataset actions drawn from pi, the adapted step
+    carried over. Returns the last call's samples (B, K, dim) and diagnostics."""
+    critic = SharpCritic(jnp.asarray(sharpness, jnp.float32), skew)
+    one_update = sampler_update(adapt, chains, dim)
     log_step = jnp.log(1.0)
     for key in jax.random.split(jax.random.PRNGKey(seed), updates):
-        u, info = one_update(log_step, key)
+        u, info = one_update(critic, log_step, key)
         log_step = info["log_step"] if adapt else log_step
     return np.asarray(u), {k: float(v) for k, v in info.items()}
 
@@ -136,9 +145,9 @@ def test_the_adapted_step_is_carried_into_the_next_update_and_logged():
     from test_misa import bandit_dataset, tiny_args, train_in_process
 
     ds = bandit_dataset()
-    state, metrics = train_in_process(misa, tiny_args(misa, hmc_step_size=3.0), ds, chunks=1)
+    state, metrics = train_in_process(misa, tiny_args(misa, hmc_step_size=3.0, log_every=50), ds, chunks=1)
     assert "hmc_step" in metrics and "hmc_acceptance" in metrics
     assert float(state.hmc_log_step[0]) < np.log(3.0) - 0.3  # a step of 3 policy stds is too long: it shrank
-    state, metrics = train_in_process(misa, tiny_args(misa, hmc_step_size=3.0, hmc_adapt=False), ds, chunks=1)
+    state, metrics = train_in_process(misa, tiny_args(misa, hmc_step_size=3.0, hmc_adapt=False, log_every=50), ds, chunks=1)
     assert float(state.hmc_log_step[0]) == pytest.approx(np.log(3.0))
     np.testing.assert_allclose(metrics["hmc_step"], 3.0, rtol=1e-5)
