@@ -79,6 +79,7 @@ TABLE2 = {
 # the early learning phase, not final performance: smoke runs.
 CPU_BUDGET = dict(num_seeds=5, num_updates=1000, eval_every=250, log_every=250,
                   common_flags="--hidden-dim 64 --eval-episodes 10", smoke=True)
+LEARNING_BUDGET = dict(num_seeds=3, num_updates=20_000, eval_every=1000, log_every=500)
 SWEEPS = {
     "cpu-hopper": Sweep(
         "every algorithm on the five splits of ours/Hopper-v5 (this project's datasets, not D4RL), CPU budget",
@@ -98,6 +99,24 @@ SWEEPS = {
         ["ours/Hopper-v5/medium-replay"],
         {"misa adaptive step": "misa --num-samples 10", "misa fixed step": "misa --num-samples 10 --no-hmc-adapt"},
         num_seeds=2, num_updates=20_000, eval_every=2000, log_every=500),
+    # The results grid: the paper's width, the same number of updates for every algorithm (20k: where
+    # TD3+BC's and CQL's curves flatten on this data; see results/README.md), >= 3 seeds. Planned for this
+    # 2-core CPU from measured costs (results/speed.md): MISA with K = 10 samples (paper: 50).
+    "learning-budget": Sweep(
+        "every algorithm at the paper's width and a learning budget on this project's datasets (not D4RL); "
+        "MISA variants with K = 10 (paper: 50) for this CPU",
+        [f"ours/Hopper-v5/{s}" for s in ("medium-replay", "medium", "medium-expert", "random")]
+        + ["ours/AdroitHandDoor-v1/human"],
+        {"td3_bc": "td3_bc", "cql": "cql", "misa": "misa --num-samples 10", "misa_dv": "misa_dv --num-samples 10",
+         "misa_f": "misa_f --num-samples 10"},
+        **LEARNING_BUDGET),
+    "learning-budget-ablations": Sweep(
+        "the paper's Table 2 ablations and the official code's behaviour (correction samples = dataset actions) "
+        "at the learning budget on ours/Hopper-v5/medium-replay; K = 10 unless the variant sets it",
+        ["ours/Hopper-v5/medium-replay"],
+        {**{label: (v + " --num-samples 10" if "num-samples" not in v else v) for label, v in TABLE2.items()},
+         "misa official correction": "misa --num-samples 10 --correction dataset"},
+        **LEARNING_BUDGET),
     "paper": Sweep(
         "the paper's Table 1 grid at the paper's budget (1M updates, default networks): needs GPUs and the D4RL files",
         D4RL_LOCOMOTION + D4RL_ANTMAZE + D4RL_ADROIT,
@@ -311,6 +330,8 @@ class Cli:
     sweep: tyro.conf.Positional[str] = "cpu-hopper"
     dry_run: bool = False
     """print the commands without running them"""
+    only: list[str] | None = None
+    """run: only these variants (labels), e.g. --only td3_bc cql"""
     label: str | None = None
     """run-one: the variant to run"""
     dataset: str | None = None
@@ -344,7 +365,11 @@ def main(cli: Cli) -> None:
     if cli.action == "wandb":
         print(f"wrote {wandb_sweep(cli.sweep).relative_to(ROOT)}")
     elif cli.action == "run":
-        run(cli.sweep, cli.dry_run)
+        unknown = [label for label in cli.only or [] if label not in SWEEPS[cli.sweep].variants]
+        if unknown:
+            raise SystemExit(f"unknown variant {', '.join(unknown)} in sweep {cli.sweep}; known: "
+                             f"{', '.join(SWEEPS[cli.sweep].variants)}")
+        run(cli.sweep, cli.dry_run, only=cli.only)
     elif cli.action == "slurm":
         slurm_main(cli)
     else:  # run-one: what a wandb agent calls for one grid point
