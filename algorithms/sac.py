@@ -509,7 +509,11 @@ def train(args: Args) -> Path:
         print(f"resuming {run_dir} at env step {step}")
     (run_dir / "policies").mkdir(parents=True, exist_ok=True)
     (run_dir / "buffer").mkdir(parents=True, exist_ok=True)
-    run = runlog.Run(run_dir, args, seeds, args.track, args.wandb_project, resume_update=step if args.resume else None)
+    if not args.resume:
+        runlog.write_json(run_dir / "config.json", {"algo": "sac", "args": dataclasses.asdict(args), **runlog.provenance()})
+    run = runlog.Logs(run_dir, dataclasses.asdict(args), seeds, args.track, args.wandb_project)
+    if args.resume:
+        run.truncate(step)  # rows logged after the checkpoint are redone
     if not args.resume:
         runlog.write_json(run_dir / "env.json", {"env_id": args.env, "env_kwargs": args.env_kwargs,
                                                  "obs_dim": obs_dim, "act_dim": act_dim,

@@ -15,14 +15,14 @@ Usage:
 
 File layout (every algorithm file in this repo has the same sections in the same order):
   Args -> networks -> agent state -> losses -> update -> make_train -> main.
-Seeds are vmapped: `--num-seeds N` trains N independent agents in one compiled program; agent i is
-the same run as `--num-seeds 1 --seed (seed + i)`.
+Seeds are vmapped: `--num-seeds N` trains N independent agents in one compiled program; agent i
+starts exactly as `--num-seeds 1 --seed (seed + i)` (same initial parameters, keys and minibatches)
+and agrees with it to float rounding (README: what a run guarantees).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import NamedTuple
 
 
@@ -57,7 +57,7 @@ class Args:
     eval_episodes: int = 10
     """evaluation episodes per agent, deterministic policy"""
     log_every: int = 1000
-    """updates per compiled chunk; training metrics are averaged and logged once per chunk"""
+    """updates between rows of train.csv (training metrics are averaged over those updates)"""
 
     # --- Logging ---
     track: bool = False
@@ -68,6 +68,9 @@ class Args:
     """where logs, checkpoints and results go (default runs/td3_bc__<env>__seed<seed>__<time>)"""
     resume: bool = False
     """continue the interrupted run in --run-dir from its last checkpoint"""
+    allow_change: list[str] = dataclasses.field(default_factory=list)
+    """with --resume: settings that may differ from the saved run's (e.g. num-updates to extend it, critic-lr
+    after a NaN stop); each change is recorded in config.json"""
 
     # --- Optimisation ---
     batch_size: int = 256
@@ -96,20 +99,7 @@ class Args:
     """standardise observations with the dataset's mean and std"""
 
 
-def check_args(args: Args) -> None:
-    problems = []
-    if args.num_seeds < 1:
-        problems.append("--num-seeds must be >= 1")
-    if args.log_every % args.policy_delay:
-        problems.append(f"--log-every ({args.log_every}) must be a multiple of --policy-delay ({args.policy_delay})")
-    if args.eval_every % args.log_every:
-        problems.append(f"--eval-every ({args.eval_every}) must be a multiple of --log-every ({args.log_every})")
-    if args.num_updates % args.log_every:
-        problems.append(f"--num-updates ({args.num_updates}) must be a multiple of --log-every ({args.log_every})")
-    if args.resume and args.run_dir is None:
-        problems.append("--resume needs --run-dir pointing at the interrupted run")
-    if problems:
-        raise SystemExit("invalid arguments:\n  " + "\n  ".join(problems))
+NEVER = jnp.iinfo(jnp.int32).max  # first non-finite step of a metric that stayed finite
 
 
 # ============================================================================ Networks
@@ -239,10 +229,13 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
 
 # ============================================================================ make_train
 def make_train(args: Args, obs_dim: int, act_dim: int):
-    """Returns the compiled, seed-vmapped `init(keys)` and `train_chunk(dataset, state, keys)`.
+    """Returns the compiled, seed-vmapped `init(keys)` and `train_chunk(dataset, state, keys, num_updates)`.
 
-    train_chunk runs `log_every` updates per agent in a lax.scan. The dataset is an argument
-    shared by all seeds (in_axes None), never closed over, so it is not baked into the program."""
+    train_chunk runs `num_updates` updates per agent in a loop (one step = `policy_delay` updates). The count is traced, so one
+    compiled program serves every chunk length; the dataset is an argument shared by all seeds
+    (in_axes None), never closed over, so it is not baked into the program. It returns each training
+    metric's mean over the chunk and the first loop step at which it was not finite (NEVER if none),
+    so that a NaN is reported at its update without keeping every step's values."""
     opt = Optimisers(actor=optax.adam(args.actor_lr), critic=optax.adam(args.critic_lr))
 
     def init(key: jax.Array) -> AgentState:
@@ -253,25 +246,30 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
                           opt.actor.init(eqx.filter(actor, eqx.is_inexact_array)),
                           opt.critic.init(eqx.filter(critic, eqx.is_inexact_array)))
 
-    def train_chunk(dataset: Transitions, state: AgentState, key: jax.Array):
-        arrays, static = eqx.partition(state, eqx.is_array)  # lax.scan carries arrays only
+    def train_chunk(dataset: Transitions, state: AgentState, key: jax.Array, num_updates: jax.Array):
+        arrays, static = eqx.partition(state, eqx.is_array)  # the loop carries arrays only
+        steps = num_updates // args.policy_delay
+        _, shapes = eqx.filter_eval_shape(update, state, dataset, key, args, opt)
+        sums = jax.tree.map(lambda s: jnp.zeros(jnp.shape(s), getattr(s, "dtype", jnp.float32)), shapes)  # (some are floats)
+        first = jax.tree.map(lambda s: jnp.int32(NEVER), shapes)
 
-        def step(carry, _):
-            arrays, key = carry
+        def step(i, carry):
+            arrays, key, sums, first = carry
             key, sub = jax.random.split(key)
             state, metrics = update(eqx.combine(arrays, static), dataset, sub, args, opt)
-            return (eqx.filter(state, eqx.is_array), key), metrics
+            first = jax.tree.map(lambda f, m: jnp.where((f == NEVER) & ~jnp.isfinite(m), i, f), first, metrics)
+            return eqx.filter(state, eqx.is_array), key, jax.tree.map(jnp.add, sums, metrics), first
 
-        (arrays, key), metrics = jax.lax.scan(step, (arrays, key), None, length=args.log_every // args.policy_delay)
+        arrays, key, sums, first = jax.lax.fori_loop(0, steps, step, (arrays, key, sums, first))
         state = eqx.combine(arrays, static)
         leaves = jax.tree.leaves(eqx.filter(state, eqx.is_inexact_array))
-        metrics["params_finite"] = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
-        return state, key, metrics
+        finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+        return state, key, {"mean": jax.tree.map(lambda x: x / steps, sums), "first_nonfinite": first,
+                            "params_finite": finite}
 
     init_v = eqx.filter_jit(eqx.filter_vmap(init))
-    # donate: the state and keys passed in are replaced by the outputs, so XLA may reuse their buffers
-    train_v = eqx.filter_jit(eqx.filter_vmap(train_chunk, in_axes=(None, eqx.if_array(0), eqx.if_array(0))),
-                            donate="all-except-first")
+    # no buffer donation: a chunk's state is a few MB, copied once per chunk; the count is shared (in_axes None)
+    train_v = eqx.filter_jit(eqx.filter_vmap(train_chunk, in_axes=(None, eqx.if_array(0), eqx.if_array(0), None)))
     return init_v, train_v
 
 
@@ -283,11 +281,19 @@ def act(actors: Actor, obs: jax.Array, obs_mean: jax.Array, obs_std: jax.Array) 
 
 
 # ============================================================================ main
+def check_args(args: Args) -> list[str]:
+    """What is wrong with this script's own combinations of settings (common.runlog.check checks
+    each setting's range, for every script)."""
+    problems = []
+    if args.policy_delay >= 1 and any(n % args.policy_delay for n in (args.log_every, args.eval_every, args.num_updates)):
+        problems.append(f"--log-every, --eval-every and --num-updates must be multiples of --policy-delay ({args.policy_delay})")
+    return problems
+
+
 def main(args: Args) -> dict:
     from common import data, evaluation, runlog, sharding  # the runner's plumbing; nothing above needs it
 
-    check_args(args)
-    seeds = [args.seed + i for i in range(args.num_seeds)]
+    runlog.check(args, check_args(args))
 
     # --- data (observation statistics are constants: they live outside every Module)
     raw, spec = data.load(args.env, args.dataset_dir)
@@ -299,50 +305,33 @@ def main(args: Args) -> dict:
         obs=jnp.asarray((raw.obs - obs_mean) / obs_std), action=jnp.asarray(raw.action),
         reward=jnp.asarray(raw.reward), next_obs=jnp.asarray((raw.next_obs - obs_mean) / obs_std),
         done=jnp.asarray(raw.done))
-    evaluator = evaluation.Evaluator(spec, seeds, args.eval_episodes)  # fails early if it cannot evaluate
+    run = runlog.Run("td3_bc", args, spec, data.fingerprint(raw), step=args.policy_delay,
+                     extra={"obs_stats": {"mean": obs_mean, "std": obs_std}})  # what act() needs besides the actor
+    evaluator = evaluation.Evaluator(spec, run.seeds, args.eval_episodes)  # fails early if it cannot evaluate
 
-    # --- agents, run directory, resume
+    # --- agents: fresh, or the checkpoint of the run being resumed; the seeds spread over every local
+    # device (e.g. the GPUs of one host; a no-op on one device)
     init_v, train_v = make_train(args, spec.obs_dim, spec.act_dim)
-    keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.asarray(seeds))
-    state, train_keys = init_v(keys[:, 0]), keys[:, 1]
-    run_dir = Path(args.run_dir) if args.run_dir else runlog.default_run_dir("td3_bc", args.env, args.seed)
-    ckpt, update_count, history = runlog.resume_or_start(
-        run_dir, args, {"state": state, "keys": train_keys, "update": jnp.int32(0)})
-    state, train_keys = ckpt["state"], ckpt["keys"]
-    run = runlog.Run(run_dir, args, seeds, args.track, args.wandb_project,
-                     resume_update=update_count if args.resume else None)
-    np.savez(run_dir / "obs_stats.npz", mean=obs_mean, std=obs_std)
-    print(f"td3_bc on {spec.name} ({spec.source}; {raw.obs.shape[0]} transitions), seeds {seeds}, run dir {run_dir}")
+    keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.asarray(run.seeds))
+    start = run.start({"state": init_v(keys[:, 0]), "keys": keys[:, 1]})
+    dataset, state, keys = sharding.shard_seeds(args.num_seeds, dataset, start["state"], start["keys"])
+    train = run.compile(train_v, dataset, state, keys)
 
-    # --- the seeds spread over every local device (e.g. the GPUs of one host; a no-op on one device)
-    dataset, state, train_keys = sharding.shard_seeds(args.num_seeds, dataset, state, train_keys)
+    def policy(actor: Actor):  # deterministic actions of the stacked actors, for the evaluator
+        return lambda obs: np.asarray(act(actor, jnp.asarray(obs), obs_mean, obs_std))
 
-    def policy(obs: np.ndarray) -> np.ndarray:
-        return np.asarray(act(state.actor, jnp.asarray(obs), obs_mean, obs_std))
-
-    # --- training: compiled chunks of updates, evaluation + checkpoint on the host between them
-    bar = runlog.progress(args.num_updates, update_count, "td3_bc")
-    while update_count < args.num_updates:
-        state, train_keys, metrics = train_v(dataset, state, train_keys)
-        metrics = jax.tree.map(np.asarray, metrics)
-        runlog.check_finite(metrics, seeds, update_count, args.policy_delay, run_dir)
-        update_count += args.log_every
-        bar.update(args.log_every)
-        run.log("train", update_count, {k: v.mean(axis=1) for k, v in metrics.items() if k != "params_finite"})
-
-        if update_count % args.eval_every == 0 or update_count == args.num_updates:
-            eval_metrics = runlog.record_evaluation(*evaluator.run(policy), spec, update_count, history, run, run_dir)
-            runlog.save_checkpoint(run_dir, {"state": state, "keys": train_keys, "update": jnp.int32(update_count)},
-                                   {"update": update_count, "seeds": seeds})
-            bar.set_postfix({k: f"{v.mean():.1f}" for k, v in eval_metrics.items() if k != "episode_length"})
-    bar.close()
+    # --- training: compiled chunks of updates; evaluation, then the checkpoint, on the host between them
+    for num_updates in run.chunks():
+        state, keys, metrics = train(dataset, state, keys, num_updates)
+        run.log_train(metrics)
+        if run.eval_due:
+            run.log_eval(*evaluator.run(policy(state.actor)))
+            run.checkpoint({"state": state, "keys": keys})
     evaluator.close()
-    results = runlog.report(history, spec, seeds, run_dir)
-    run.close()
-    return results
+    return run.finish()
 
 
 if __name__ == "__main__":
-    import tyro
+    from common import runlog
 
-    main(tyro.cli(Args))
+    runlog.cli(main, Args)

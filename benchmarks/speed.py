@@ -114,14 +114,20 @@ def measure(entry: str, num_seeds: int, cfg: Config) -> dict:
     keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.arange(num_seeds))
     state, train_keys = init_v(keys[:, 0]), keys[:, 1]
 
+    count = (jnp.int32(cfg.chunk),)  # the chunk length, traced (older commits' chunks ran log_every updates)
+
     def chunk():
         nonlocal state, train_keys
         t = time.perf_counter()
-        state, train_keys, metrics = train_v(dataset, state, train_keys)
+        state, train_keys, metrics = train_v(dataset, state, train_keys, *count)
         jax.block_until_ready(metrics)
         return time.perf_counter() - t
 
-    first = chunk()
+    try:
+        first = chunk()
+    except TypeError:  # a file from before the traced count (`name@commit`)
+        count = ()
+        first = chunk()
     others0, wall0 = cpu_seconds_of_others(), time.perf_counter()
     times = [chunk() for _ in range(cfg.repeats)]
     others_load = (cpu_seconds_of_others() - others0) / (time.perf_counter() - wall0)

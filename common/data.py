@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 import urllib.error
@@ -35,6 +36,7 @@ import h5py
 import numpy as np
 
 from common import scores
+from common.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OURS_DIR = REPO_ROOT / "datasets"  # holds ours/<EnvId>/<split>.hdf5
@@ -133,7 +135,7 @@ def load(env: str, dataset_dir: str | os.PathLike | None = None, download: bool 
     path = Path(env).expanduser()
     if env.endswith((".hdf5", ".h5")) or path.is_file():
         if not path.is_file():
-            raise FileNotFoundError(f"dataset file {path} does not exist")
+            raise UserError(f"dataset file {path} does not exist")
         return _load_file(path, name=str(env), source="file")
     if env.startswith("ours/"):
         return _load_ours(env, dataset_dir)
@@ -142,12 +144,12 @@ def load(env: str, dataset_dir: str | os.PathLike | None = None, download: bool 
         file = d4rl_dir(dataset_dir) / url.split("/")[-1]
         if not file.is_file():
             if not download:
-                raise FileNotFoundError(f"{env}: {file} is missing. Download it from {url} and place it there.")
+                raise UserError(f"{env}: {file} is missing. Download it from {url} and place it there.")
             download_file(url, file)
         return _load_file(file, name=env, source="d4rl", spec_fields=d4rl_spec_fields(env))
     if "/" in env:
         return _load_minari(env, download)
-    raise ValueError(_unknown_name_message(env))
+    raise UserError(_unknown_name_message(env))
 
 
 def d4rl_dir(dataset_dir: str | os.PathLike | None = None) -> Path:
@@ -172,7 +174,7 @@ def download_file(url: str, dest: Path) -> None:
                     bar.update(len(chunk))
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(
+        raise UserError(
             f"could not download {url} ({e}).\nOn a machine with internet, download that URL and place "
             f"the file at {dest} (or set $D4RL_DATASET_DIR / --dataset-dir to the folder that holds it)."
         ) from e
@@ -204,10 +206,43 @@ def _load_ours(env: str, dataset_dir) -> tuple[Transitions, EnvSpec]:
         available = sorted(str(p.relative_to(root))[: -len(".hdf5")] for p in root.glob("ours/*/*.hdf5"))
         parts = env.split("/")
         hint = f"python -m tools.make_dataset --env {parts[1]}" if len(parts) == 3 else "python -m tools.make_dataset --help"
-        raise FileNotFoundError(
+        raise UserError(
             f"{env}: {file} does not exist. Datasets we have: {available or 'none'}. Generate it with `{hint}`."
         )
     return _load_file(file, name=env, source="ours")
+
+
+def _read_arrays(f: h5py.File, path: Path) -> dict[str, np.ndarray]:
+    """The D4RL arrays of an open file, checked to be numeric arrays (not groups, strings or objects)."""
+    missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
+    if missing:
+        raise UserError(
+            f"{path} is not in D4RL's layout: missing {missing}; it has {sorted(f.keys())}. "
+            "A D4RL-format file needs 'observations' (N, obs_dim), 'actions' (N, act_dim), "
+            "'rewards' (N,), 'terminals' (N,) and, optionally, 'timeouts' (N,) and 'next_observations'."
+        )
+    raw = {}
+    for key in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations"):
+        if key not in f:
+            continue
+        item = f[key]
+        if not isinstance(item, h5py.Dataset):  # e.g. a dict observation space stored as a group
+            raise UserError(f"{path}: '{key}' is a group of {sorted(item.keys())}, not an array; flatten it into one "
+                            "(N, dim) array (common.data.flatten_observations does this for Minari data)")
+        if not (np.issubdtype(item.dtype, np.number) or item.dtype == bool):
+            raise UserError(f"{path}: '{key}' holds {item.dtype} values, not numbers")
+        raw[key] = item[()]
+    return raw
+
+
+def fingerprint(t: Transitions) -> str:
+    """sha256 of the loaded transitions (values and shapes): a resume checks it is the same data."""
+    h = hashlib.sha256()
+    for field in t:
+        a = np.ascontiguousarray(field)
+        h.update(str((a.dtype, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _read_metadata(f: h5py.File) -> dict:
@@ -221,16 +256,11 @@ def _read_metadata(f: h5py.File) -> dict:
 
 
 def _load_file(path: Path, name: str, source: str, spec_fields: dict | None = None) -> tuple[Transitions, EnvSpec]:
-    with h5py.File(path, "r") as f:
-        missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
-        if missing:
-            raise KeyError(
-                f"{path} is not in D4RL's layout: missing {missing}; it has {sorted(f.keys())}. "
-                "A D4RL-format file needs 'observations' (N, obs_dim), 'actions' (N, act_dim), "
-                "'rewards' (N,), 'terminals' (N,) and, optionally, 'timeouts' (N,) and 'next_observations'."
-            )
-        raw = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations") if k in f}
-        meta = _read_metadata(f)
+    try:
+        with h5py.File(path, "r") as f:
+            raw, meta = _read_arrays(f, path), _read_metadata(f)
+    except OSError as e:  # not HDF5, truncated, or unreadable (h5py says which)
+        raise UserError(f"{path} cannot be read as HDF5 ({e}). Is the file complete? Download or write it again.") from None
 
     fields = dict(spec_fields or {})
     if "env_id" in meta:  # files written by tools.make_dataset (or annotated by a user)
@@ -276,16 +306,16 @@ def qlearning_transitions(raw: dict[str, np.ndarray], max_episode_steps: int | N
     terminals = terminals.reshape(-1) if terminals.ndim == 2 and terminals.shape[1] == 1 else terminals
     n = obs.shape[0]
     if obs.ndim != 2 or actions.ndim != 2:
-        raise ValueError(f"{name}: observations and actions must be 2-D, got {obs.shape} and {actions.shape}")
+        raise UserError(f"{name}: observations and actions must be 2-D, got {obs.shape} and {actions.shape}")
     for key in ("actions", "rewards", "terminals", "timeouts", "next_observations"):
         if key in raw and len(raw[key]) != n:
-            raise ValueError(f"{name}: '{key}' has {len(raw[key])} rows but 'observations' has {n}; the arrays must align")
+            raise UserError(f"{name}: '{key}' has {len(raw[key])} rows but 'observations' has {n}; the arrays must align")
     if rewards.ndim != 1 or terminals.ndim != 1:
-        raise ValueError(f"{name}: rewards and terminals must be (N,), got {rewards.shape} and {terminals.shape}")
+        raise UserError(f"{name}: rewards and terminals must be (N,), got {rewards.shape} and {terminals.shape}")
     if "next_observations" in raw and raw["next_observations"].shape != obs.shape:
-        raise ValueError(f"{name}: next_observations {raw['next_observations'].shape} != observations {obs.shape}")
+        raise UserError(f"{name}: next_observations {raw['next_observations'].shape} != observations {obs.shape}")
     if n < 2:
-        raise ValueError(f"{name}: needs at least 2 rows, has {n}")
+        raise UserError(f"{name}: needs at least 2 rows, has {n}")
 
     terminals = terminals.astype(bool)
     if "timeouts" in raw:
@@ -373,13 +403,13 @@ def validate(t: Transitions, name: str = "dataset") -> None:
         bad = ~np.isfinite(arr)
         if bad.any():
             rows = np.nonzero(bad.reshape(arr.shape[0], -1).any(axis=1))[0]
-            raise ValueError(
+            raise UserError(
                 f"{name}: {field} has {bad.sum()} NaN/inf values in {rows.size} rows (first row {rows[0]}); "
                 "clean or drop those rows before training"
             )
     worst = float(np.abs(t.action).max()) if t.action.size else 0.0
     if worst > 1.0 + 1e-5:
-        raise ValueError(
+        raise UserError(
             f"{name}: actions must lie in [-1, 1] (the policies here squash with tanh), but max |a| = {worst:.4g}. "
             "Rescale them to [-1, 1] with the environment's bounds: a' = 2 (a - low) / (high - low) - 1."
         )
@@ -398,7 +428,7 @@ def _load_minari(dataset_id: str, download: bool) -> tuple[Transitions, EnvSpec]
         except Exception as e:  # minari raises several types when the hub is unreachable
             local = list(minari.list_local_datasets())
             close = difflib.get_close_matches(dataset_id, local + list(D4RL_DATASETS), n=5)
-            raise RuntimeError(
+            raise UserError(
                 f"Minari dataset {dataset_id!r} is not in the local cache "
                 f"({os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}) and could not be "
                 f"downloaded ({type(e).__name__}: {e}). On a machine with internet run "

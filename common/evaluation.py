@@ -25,6 +25,7 @@ import gymnasium as gym
 import numpy as np
 
 from common.data import EnvSpec
+from common.errors import UserError
 
 
 def make_env(spec: EnvSpec) -> gym.Env:
@@ -39,9 +40,13 @@ def make_env(spec: EnvSpec) -> gym.Env:
         kwargs = dict(spec.eval_env_kwargs)
         if spec.max_episode_steps is not None:
             kwargs["max_episode_steps"] = int(spec.max_episode_steps)
-        env = gym.make(spec.eval_env_id, **kwargs)
+        try:
+            env = gym.make(spec.eval_env_id, **kwargs)
+        except (gym.error.Error, ModuleNotFoundError, TypeError) as e:  # unknown id, missing package, bad kwargs
+            raise UserError(f"{spec.name}: cannot make its evaluation env {spec.eval_env_id!r} with {kwargs} "
+                            f"({type(e).__name__}: {e}); fix the file's metadata/env_id or install the env's package") from None
     else:
-        raise NotImplementedError(f"cannot evaluate on {spec.name!r}: {spec.eval_unsupported}")
+        raise UserError(f"cannot evaluate on {spec.name!r}: {spec.eval_unsupported}")
     space = env.action_space
     if not (np.all(space.low == -1.0) and np.all(space.high == 1.0)):
         env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
@@ -59,12 +64,12 @@ class Evaluator:
 
     def __init__(self, spec: EnvSpec, seeds: Sequence[int], episodes: int):
         if spec.eval_unsupported is not None and spec.minari_id is None:
-            raise NotImplementedError(f"cannot evaluate on {spec.name!r}: {spec.eval_unsupported}")
+            raise UserError(f"cannot evaluate on {spec.name!r}: {spec.eval_unsupported}")
         self.spec, self.seeds, self.episodes = spec, list(seeds), episodes
         self.envs = [[make_env(spec) for _ in range(episodes)] for _ in self.seeds]
         obs_dim = self.envs[0][0].observation_space.shape[0] + spec.obs_pad
         if obs_dim != spec.obs_dim:
-            raise ValueError(
+            raise UserError(
                 f"{spec.name}: the evaluation env gives {obs_dim}-D observations but the dataset has "
                 f"{spec.obs_dim}-D ones; the dataset and env do not match"
             )

@@ -1,16 +1,39 @@
-"""Run directory, per-seed CSV logs, optional wandb, progress bar, atomic checkpoints.
+"""A training run on disk: `Run` owns the run directory, seeds, logs, checkpoints, the NaN stop, the
+progress bar and the final report, so that each algorithm's `main` is its loop:
+
+    run = runlog.Run(ALGO, args, spec, data.fingerprint(raw))    # every check, before any work
+    state, keys = run.start({"state": state, "keys": keys})      # fresh, or the resumed checkpoint
+    train = run.compile(train_v, dataset, state, keys)
+    for num_updates in run.chunks():
+        state, keys, metrics = train(dataset, state, keys, num_updates)
+        run.log_train(metrics)                                   # stops at the first NaN, naming it
+        if run.eval_due:
+            run.log_eval(*evaluator.run(policy(state.actor)))
+            run.checkpoint({"state": state, "keys": keys})
+    return run.finish()
 
 A run directory holds:
-  config.json    resolved arguments, git commit, package versions, command line
-  train.csv      one row per (update, seed): training metrics averaged over the logging chunk
+  config.json    algorithm, resolved arguments, data fingerprint, git commit, package versions, command
+                 line, and every change made on a resume (`--allow-change`)
+  train.csv      one row per (update, seed) at the end of each chunk: training metrics averaged over
+                 the chunk, and `updates_per_s` (wall clock: the only value that differs between two
+                 runs of the same command)
   eval.csv       one row per (update, seed): evaluation return and normalised score
   returns.npz    raw per-episode evaluation returns, shape (num_evals, num_seeds, episodes)
-  checkpoint.eqx the agents (all seeds stacked) at the last evaluation, + checkpoint.json
+  checkpoint.eqx the agents (all seeds stacked) and random keys at the last evaluation
   results.json   final normalised score per seed, mean and std
+  <extra>.npz    what the policy needs besides its parameters (e.g. obs_stats.npz)
 
-`resume_or_start` (a new run directory, or the state of an interrupted one), `record_evaluation`
-(log + returns.npz), `check_finite` (stop at the first NaN/inf loss or parameter, naming seed and
-update) and `report` (the final table) are shared by every algorithm script.
+Crash safety. Every file is replaced whole and atomically (written aside, then renamed), so each is
+always either its previous or its next version. The checkpoint, written last at each evaluation, is
+the commit point: `--resume` cuts train.csv, eval.csv and returns.npz back to the checkpoint's
+update, so a crash at any moment loses at most the updates since the last evaluation and leaves
+logs that agree with each other. A fresh start in a directory with no checkpoint (a run killed
+before its first one) replaces that run's files.
+
+User errors (bad flags, impossible resumes, unusable run directories, and the data and environment
+errors of `common.data` / `common.evaluation`) raise `UserError` before any training; `cli` prints
+them as one message and exits with status 2.
 """
 
 from __future__ import annotations
@@ -18,24 +41,142 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.metadata
+import io
 import json
+import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from common import scores
 from common.data import EnvSpec
+from common.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["jax", "jaxlib", "equinox", "optax", "distrax", "blackjax", "tyro", "gymnasium", "mujoco",
             "gymnasium-robotics", "minari", "h5py", "numpy", "wandb"]
+# a run's own files: a fresh start in a directory without a checkpoint replaces them
+RUN_FILES = ["config.json", "train.csv", "eval.csv", "returns.npz", "checkpoint.eqx", "results.json"]
+# settings a resume can never change: they fix which agents exist and what their logs mean
+FIXED = {"env", "seed", "num_seeds", "eval_episodes"}
+# settings that say where and how to run, not what: a resume may differ in them freely
+FREE = {"resume", "track", "run_dir", "allow_change", "wandb_project", "dataset_dir"}
+FIRST_CHUNK = 10  # updates in a run's first chunk: a rate and an ETA within seconds of compiling
+
+
+# --------------------------------------------------------------------------- arguments
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"at least {low:g}"
+
+
+_POSITIVE = ((lambda v: v > 0 and math.isfinite(v)), "positive and finite")
+_UNIT = ((lambda v: 0 <= v <= 1), "in [0, 1]")
+# Constraints on the Args fields of every script, declared once, by field name (a script checks the
+# fields it has; None, where a field allows it, means "the domain's preset decides").
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(["num_seeds", "num_updates", "log_every", "eval_every", "eval_episodes", "batch_size",
+                     "hidden_dim", "num_layers", "policy_delay", "num_samples", "hmc_leapfrog", "total_steps",
+                     "checkpoint_every", "update_every"], _at_least(1)),
+    **dict.fromkeys(["seed", "hmc_burnin", "bc_steps", "learning_starts", "min_q_weight", "bc_weight",
+                     "unbiased_weight", "hmc_adapt_rate", "policy_noise", "noise_clip", "alpha"], _at_least(0)),
+    **dict.fromkeys(["actor_lr", "critic_lr", "alpha_lr", "lagrange_lr", "hmc_step_size", "temperature",
+                     "init_alpha"], _POSITIVE),
+    "discount": _UNIT,
+    "tau": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "hmc_target_accept": ((lambda v: 0 < v < 1), "in (0, 1)"),
+}
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check(args: Any, problems: list[str] = ()) -> None:
+    """Raise one UserError listing every argument that breaks FIELD_RULES, plus the script's own
+    `problems` (relations between its fields)."""
+    values = dataclasses.asdict(args)
+    bad = [f"{flag(k)} must be {what}, got {values[k]}" for k, (ok, what) in FIELD_RULES.items()
+           if values.get(k) is not None and not (isinstance(values[k], (int, float)) and ok(values[k]))]
+    if values.get("resume") and values.get("run_dir") is None:
+        bad.append("--resume needs --run-dir pointing at the interrupted run")
+    unknown = [f for f in values.get("allow_change") or [] if f.replace("-", "_") not in values]
+    if unknown:
+        bad.append(f"--allow-change names no setting of this script: {', '.join(unknown)}")
+    bad += list(problems)
+    if bad:
+        raise UserError("invalid arguments:\n  " + "\n  ".join(bad))
+
+
+def cli(main: Callable[[Any], Any], args_type: type) -> None:
+    """`main(tyro.cli(args_type))`, with every UserError printed as one message, exit status 2."""
+    import tyro
+
+    try:
+        main(tyro.cli(args_type))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# --------------------------------------------------------------------------- files
+def write_atomic(path: Path, write: Callable[[io.IOBase], None], binary: bool = False) -> None:
+    """Write `path` aside with `write(file)`, then rename it into place: a crash leaves the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb" if binary else "w", newline=None if binary else "") as f:
+        write(f)
+    replace(tmp, path)
+
+
+def replace(tmp: Path, path: Path) -> None:
+    """The commit of every write (os.replace is atomic); one function, so a test can crash here."""
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(Path(path), lambda f: f.write(json.dumps(obj, indent=2, default=_jsonable)))
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    write_atomic(Path(path), lambda f: np.savez(f, **arrays), binary=True)
+
+
+def save_checkpoint(run_dir: Path, tree: Any, info: dict) -> None:
+    """The pytree (eqx leaves), then a JSON note of what it is (sac.py's checkpoints)."""
+    write_atomic(Path(run_dir) / "checkpoint.eqx", lambda f: eqx.tree_serialise_leaves(f, tree), binary=True)
+    write_json(Path(run_dir) / "checkpoint.json", info)
+
+
+def load_checkpoint(run_dir: Path, like: Any) -> tuple[Any, dict]:
+    """Load a checkpoint into a pytree with the structure of `like`."""
+    path = Path(run_dir) / "checkpoint.eqx"
+    if not path.exists():
+        raise UserError(f"no checkpoint in {run_dir}; nothing to resume (start without --resume)")
+    try:
+        tree = eqx.tree_deserialise_leaves(path, like)
+    except Exception as e:  # truncated, or written by other settings: equinox raises several types
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is damaged or belongs to "
+                        "other settings. Start a new run (another --run-dir).") from None
+    info_path = Path(run_dir) / "checkpoint.json"
+    return tree, json.loads(info_path.read_text()) if info_path.exists() else {}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
 def default_run_dir(algo: str, env: str, seed: int) -> Path:
@@ -68,38 +209,44 @@ def provenance() -> dict[str, Any]:
     }
 
 
-class Run:
-    """Logging for a vmapped run: every metric arrives as an array with one value per seed."""
+class Logs:
+    """Per-seed CSV logs (train.csv, eval.csv; each rewritten whole and atomically) and optional wandb:
+    every metric arrives as an array with one value per seed."""
 
-    def __init__(self, run_dir: Path, args: Any, seeds: list[int], track: bool, project: str,
-                 resume_update: int | None = None):
+    def __init__(self, run_dir: Path, config: dict, seeds: list[int], track: bool, project: str):
         self.dir, self.seeds = Path(run_dir), seeds
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.config = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
-        if resume_update is None:
-            write_json(self.dir / "config.json", {"args": self.config, **provenance()})
-        else:
-            for name in ("train", "eval"):  # drop rows logged after the checkpoint we resume from
-                self._truncate(self.dir / f"{name}.csv", resume_update)
+        self.rows = {name: self._read(self.dir / f"{name}.csv") for name in ("train", "eval")}
         self.wandb = None
         if track or os.environ.get("WANDB_MODE") in ("online", "offline"):
             import wandb
 
             mode = os.environ.get("WANDB_MODE", "online" if track else "disabled")
-            self.wandb = wandb.init(project=project, config=self.config, dir=str(self.dir), mode=mode,
+            self.wandb = wandb.init(project=project, config=config, dir=str(self.dir), mode=mode,
                                     name=self.dir.name, id=self.dir.name, resume="allow")
 
+    @staticmethod
+    def _read(path: Path) -> list[list[str]]:
+        if not path.exists():
+            return []
+        with open(path, newline="") as f:
+            return list(csv.reader(f))
+
+    def truncate(self, last_update: int) -> None:
+        """Drop the rows logged after `last_update` (the checkpoint a resume starts from)."""
+        for name, rows in self.rows.items():
+            if rows:
+                self.rows[name] = rows[:1] + [r for r in rows[1:] if int(r[0]) <= last_update]
+                self._write(name)
+
     def log(self, group: str, update: int, metrics: dict[str, np.ndarray]) -> None:
-        """Append one row per seed to <group>.csv; send per-seed and mean/std values to wandb."""
+        """Add one row per seed to <group>.csv; send per-seed and mean/std values to wandb."""
         metrics = {k: np.asarray(v, dtype=np.float64).reshape(len(self.seeds)) for k, v in metrics.items()}
-        path = self.dir / f"{group}.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["update", "seed", *metrics])
-            for i, seed in enumerate(self.seeds):
-                writer.writerow([update, seed, *(f"{v[i]:.6g}" for v in metrics.values())])
+        rows = self.rows[group]
+        if not rows:
+            rows.append(["update", "seed", *metrics])
+        for i, seed in enumerate(self.seeds):
+            rows.append([str(update), str(seed), *(f"{v[i]:.6g}" for v in metrics.values())])
+        self._write(group)
         if self.wandb is not None:
             row = {}
             for k, v in metrics.items():
@@ -107,15 +254,8 @@ class Run:
                 row[f"{group}/{k}/mean"], row[f"{group}/{k}/std"] = v.mean(), v.std()
             self.wandb.log(row, step=update)
 
-    @staticmethod
-    def _truncate(path: Path, last_update: int) -> None:
-        if not path.exists():
-            return
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        keep = rows[:1] + [r for r in rows[1:] if int(r[0]) <= last_update]
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
+    def _write(self, group: str) -> None:
+        write_atomic(self.dir / f"{group}.csv", lambda f: csv.writer(f).writerows(self.rows[group]))
 
     def close(self) -> None:
         if self.wandb is not None:
@@ -129,111 +269,236 @@ def progress(total: int, initial: int, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, unit="upd", dynamic_ncols=True, smoothing=0.1)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
-    os.replace(tmp, path)
+def _disk_need(tree: Any) -> int:
+    """Bytes a run needs free: the checkpoint twice (the new one is written beside the old) and room for logs."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")]
+    return 2 * sum(int(x.nbytes) for x in leaves) + (64 << 20)
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (np.generic, np.ndarray)):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x)}")
+# --------------------------------------------------------------------------- the run
+class Run:
+    """One run of `algo` (vmapped seeds) on one dataset: see the module docstring.
 
+    `extra` holds arrays the policy needs besides its parameters (e.g. {"obs_stats": {"mean": ..,
+    "std": ..}}), written as <name>.npz when the run starts. `step`: every chunk is a multiple of it
+    (TD3+BC's policy delay)."""
 
-def save_checkpoint(run_dir: Path, tree: Any, info: dict) -> None:
-    """Serialise `tree` (eqx) and `info` (JSON) atomically: a crash leaves the previous pair intact."""
-    tmp = run_dir / "checkpoint.eqx.tmp"
-    eqx.tree_serialise_leaves(tmp, tree)
-    os.replace(tmp, run_dir / "checkpoint.eqx")
-    write_json(run_dir / "checkpoint.json", info)
+    def __init__(self, algo: str, args: Any, spec: EnvSpec, fingerprint: str,
+                 extra: dict[str, dict[str, np.ndarray]] | None = None, step: int = 1):
+        self.algo, self.args, self.spec, self.step = algo, args, spec, step
+        self.seeds = [args.seed + i for i in range(args.num_seeds)]
+        self.dir = Path(args.run_dir) if args.run_dir else default_run_dir(algo, args.env, args.seed)
+        self.config = {"algo": algo, "args": dataclasses.asdict(args), "data_sha256": fingerprint, "changes": []}
+        self.extra = extra or {}
+        self.update, self.history = 0, {"updates": [], "returns": []}
+        self.last_checkpoint: int | None = None
+        self.saved = self._check_resume() if args.resume else self._check_fresh()
 
+    # --- checks, before anything is written
+    def _check_fresh(self) -> None:
+        d = self.dir
+        if (d / "checkpoint.eqx").exists():
+            raise UserError(f"{d} already holds a run; pass --resume to continue it, or choose another --run-dir")
+        if d.exists() and not d.is_dir():
+            raise UserError(f"--run-dir {d} is a file, not a directory")
+        return None
 
-def load_checkpoint(run_dir: Path, like: Any) -> tuple[Any, dict]:
-    """Load a checkpoint into a pytree with the structure of `like`."""
-    path = Path(run_dir) / "checkpoint.eqx"
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint in {run_dir}; nothing to resume (start without --resume)")
-    info = json.loads((Path(run_dir) / "checkpoint.json").read_text())
-    return eqx.tree_deserialise_leaves(path, like), info
+    def _check_resume(self) -> dict:
+        d, args = self.dir, self.args
+        if not (d / "config.json").exists():
+            what = "does not exist" if not d.exists() else "holds no run (no config.json)"
+            raise UserError(f"nothing to resume: {d} {what}. Start without --resume, or point --run-dir at the run.")
+        try:
+            saved = json.loads((d / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{d / 'config.json'} is damaged ({e}); this run cannot be resumed: start a new one") from None
+        algo = saved.get("algo") or Path(saved.get("command", ["", ""])[1]).stem  # runs from before `algo` was recorded
+        if algo != self.algo:
+            raise UserError(f"{d} holds a {algo} run, not a {self.algo} one: resume it with algorithms/{algo}.py")
+        if saved.get("data_sha256") not in (None, self.config["data_sha256"]):
+            raise UserError(
+                f"the dataset {args.env} is not the one this run was trained on (sha256 {saved['data_sha256'][:12]}... "
+                f"then, {self.config['data_sha256'][:12]}... now): same name, other contents. Resume with the original "
+                "data, or start a new run.")
+        if not (d / "checkpoint.eqx").exists():
+            raise UserError(f"the run in {d} stopped before its first checkpoint (at update {saved['args'].get('eval_every')}): "
+                            "nothing to resume. Start it again without --resume (its logs are replaced).")
+        if not (d / "returns.npz").exists():
+            raise UserError(f"{d / 'returns.npz'} is missing (the run's evaluation history): it cannot resume "
+                            "consistently. Start a new run.")
+        now = dataclasses.asdict(args)
+        changed = {k: (saved["args"].get(k), v) for k, v in now.items() if k not in FREE and saved["args"].get(k) != v}
+        allowed = {f.replace("-", "_") for f in args.allow_change}
+        fixed = sorted(set(changed) & FIXED)
+        if fixed:
+            raise UserError("a resume cannot change " + ", ".join(f"{flag(k)} ({changed[k][0]} -> {changed[k][1]})"
+                                                                    for k in fixed) + ": start a new run")
+        refused = {k: v for k, v in changed.items() if k not in allowed}
+        if refused:
+            listing = ", ".join(f"{flag(k)} {a} -> {b}" for k, (a, b) in refused.items())
+            raise UserError(f"--resume with other settings than the run in {d}: {listing}. Give the saved values, or "
+                            f"change them on purpose with --allow-change {' '.join(flag(k)[2:] for k in refused)} "
+                            "(recorded in config.json)")
+        self.config["changes"] = saved.get("changes", []) + [{"field": k, "from": a, "to": b} for k, (a, b) in changed.items()]
+        self.config["created"] = {k: saved.get(k) for k in ("git_commit", "command", "host")}
+        return saved
 
+    # --- start: resume the checkpoint, or write a fresh run's files
+    def start(self, like: Any) -> Any:
+        """The pytree to train from: the checkpoint's when resuming, else `like`. Writes the run's files."""
+        tree = {**like, "update": jnp.int32(0)}
+        if self.args.resume:
+            tree, _ = load_checkpoint(self.dir, tree)
+            self.update = self.last_checkpoint = int(tree["update"])
+            if self.config["changes"]:
+                at = self.update
+                for c in self.config["changes"]:
+                    c.setdefault("at_update", at)
+            returns = np.load(self.dir / "returns.npz")
+            keep = returns["updates"] <= self.update  # evaluations after the checkpoint are redone
+            self.history = {"updates": [int(u) for u in returns["updates"][keep]], "returns": list(returns["returns"][keep])}
+            if self.history["updates"] and self.history["updates"][-1] != self.update:
+                raise UserError(f"{self.dir}: the checkpoint (update {self.update}) has no evaluation in returns.npz "
+                                "(a file from another run?). Start a new run.")
+            print(f"resuming {self.dir} at update {self.update}")
+        else:
+            self._make_dir(tree)
+        for tmp in self.dir.glob("*.tmp"):  # written aside by a process that died before renaming them
+            tmp.unlink()
+        if not self.args.resume:
+            write_json(self.dir / "config.json", {**self.config, **provenance()})
+        # a resume's settings (and changes) are written with its first checkpoint: config.json always
+        # describes the settings that lead to the checkpoint, so a resume that fails before one (a NaN)
+        # leaves the run as it was
+        self._config_pending = bool(self.args.resume)
+        self.logs = Logs(self.dir, self.config["args"], self.seeds, self.args.track, self.args.wandb_project)
+        if self.args.resume:
+            self.logs.truncate(self.update)
+            save_npz(self.dir / "returns.npz", **self._returns_arrays())
+        for name, arrays in self.extra.items():
+            if not self.args.resume:
+                save_npz(self.dir / f"{name}.npz", **arrays)
+        print(f"{self.algo} on {self.spec.name} ({self.spec.source}), seeds {self.seeds}, run dir {self.dir}")
+        self.bar = None
+        return {k: v for k, v in tree.items() if k != "update"}
 
-def resume_or_start(run_dir: Path, args: Any, like: Any) -> tuple[Any, int, dict]:
-    """(checkpointed pytree, update count, evaluation history) of the interrupted run in `run_dir`
-    when `args.resume`, else (`like`, 0, empty history) after checking `run_dir` holds no run.
-    Resuming with other settings than the saved ones (besides the budget and logging) is refused."""
-    history: dict[str, list] = {"updates": [], "returns": []}
-    if not args.resume:
-        if (run_dir / "checkpoint.eqx").exists():
-            raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-        return like, 0, history
-    saved = json.loads((run_dir / "config.json").read_text())["args"]
-    changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(args).items()
-               if k not in ("resume", "num_updates", "track", "run_dir") and saved.get(k) != v}
-    if changed:
-        raise SystemExit(f"--resume with different settings than the run in {run_dir}: {changed}")
-    tree, _ = load_checkpoint(run_dir, like)
-    saved_returns = np.load(run_dir / "returns.npz")
-    history = {"updates": list(saved_returns["updates"]), "returns": list(saved_returns["returns"])}
-    update_count = int(tree["update"])
-    print(f"resuming {run_dir} at update {update_count}")
-    return tree, update_count, history
+    def _make_dir(self, tree: Any) -> None:
+        d = self.dir
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to the run directory {d} ({e.strerror or e}): choose another --run-dir") from None
+        free = shutil.disk_usage(d).free
+        if free < _disk_need(tree):
+            raise UserError(f"{d} has {free / 2**20:.0f} MiB free; this run needs about {_disk_need(tree) / 2**20:.0f} MiB "
+                            "(two checkpoints and its logs): free some space or choose another --run-dir")
+        stale = [name for name in RUN_FILES + [f"{n}.npz" for n in self.extra] if (d / name).exists()]
+        if stale:  # a run killed before its first checkpoint: its logs describe nothing that survives
+            print(f"{d}: replacing the files of a run that stopped before its first checkpoint ({', '.join(stale)})")
+            for name in stale:
+                (d / name).unlink()
 
+    # --- the loop
+    def compile(self, fn: Callable, *args: Any) -> Callable:
+        """`fn` compiled ahead of time for these arguments (and a traced chunk length), timed."""
+        print(f"compiling {self.algo}'s training chunk for {len(self.seeds)} seeds ...", end=" ", flush=True)
+        t = time.perf_counter()
+        compiled = fn.lower(*args, jnp.int32(self.step)).compile()
+        print(f"done in {time.perf_counter() - t:.1f} s", flush=True)
+        return compiled
 
-def record_evaluation(returns: np.ndarray, lengths: np.ndarray, spec: EnvSpec, update_count: int,
-                      history: dict, run: "Run", run_dir: Path) -> dict[str, np.ndarray]:
-    """Append one evaluation ((seeds, episodes) returns and lengths) to the history, eval.csv and
-    returns.npz; returns its per-seed metrics."""
-    history["updates"].append(update_count)
-    history["returns"].append(returns)
-    metrics = {"return": returns.mean(1), "episode_length": lengths.mean(1)}
-    if spec.ref_min_score is not None:
-        metrics["score"] = scores.normalized(returns, spec.ref_min_score, spec.ref_max_score, spec.name).mean(1)
-    run.log("eval", update_count, metrics)
-    save_npz(run_dir / "returns.npz", updates=np.asarray(history["updates"]), returns=np.stack(history["returns"]))
-    return metrics
+    def chunks(self) -> Iterator[jax.Array]:
+        """The length of each chunk of updates, up to the budget: chunks end at every multiple of
+        --log-every and --eval-every and at --num-updates, and a fresh run's first chunk is short (a rate
+        and an ETA at once). The chunks depend on those settings only, so a resumed run trains, and logs,
+        exactly the chunks of an uninterrupted one. `self.update` is the count at the end of the chunk."""
+        a = self.args
+        self.bar = progress(a.num_updates, self.update, self.algo)
+        while self.update < a.num_updates:
+            u = self.update
+            end = min((u // a.log_every + 1) * a.log_every, (u // a.eval_every + 1) * a.eval_every, a.num_updates)
+            if u == 0:  # a fresh run's first chunk (a resume keeps the uninterrupted run's chunks)
+                end = min(end, -(-FIRST_CHUNK // self.step) * self.step)
+            self._chunk_start, self._chunk_len = time.perf_counter(), end - u
+            self.update = end
+            yield jnp.int32(end - u)
+        self.bar.close()
 
+    def log_train(self, metrics: dict) -> None:
+        """Check a chunk's metrics ({"mean", "first_nonfinite": per metric; "params_finite"}, each per
+        seed), then log the means and the chunk's updates per second."""
+        metrics = jax.tree.map(np.asarray, metrics)  # waits for the chunk
+        rate = self._chunk_len / (time.perf_counter() - self._chunk_start)
+        start = self.update - self._chunk_len
+        for name, first in metrics["first_nonfinite"].items():
+            if (first < self._chunk_len).any():
+                i = int(np.argmin(first))
+                self._stop(f"non-finite {name} for seed {self.seeds[i]} at update {start + int(first[i]) + 1}")
+        if not metrics["params_finite"].all():
+            i = int(np.argmin(metrics["params_finite"]))
+            self._stop(f"non-finite parameters for seed {self.seeds[i]} by update {self.update}")
+        self.logs.log("train", self.update, {**metrics["mean"], "updates_per_s": np.full(len(self.seeds), rate)})
+        self.bar.update(self._chunk_len)
 
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez, atomically."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    @property
+    def eval_due(self) -> bool:
+        return self.update % self.args.eval_every == 0 or self.update == self.args.num_updates
 
+    def log_eval(self, returns: np.ndarray, lengths: np.ndarray) -> None:
+        """One evaluation ((seeds, episodes) returns and lengths): eval.csv and returns.npz."""
+        self.history["updates"].append(self.update)
+        self.history["returns"].append(returns)
+        metrics = {"return": returns.mean(1), "episode_length": lengths.mean(1)}
+        if self.spec.ref_min_score is not None:
+            metrics["score"] = scores.normalized(returns, self.spec.ref_min_score, self.spec.ref_max_score,
+                                                 self.spec.name).mean(1)
+        self.logs.log("eval", self.update, metrics)
+        save_npz(self.dir / "returns.npz", **self._returns_arrays())
+        self.bar.set_postfix({k: f"{v.mean():.1f}" for k, v in metrics.items() if k != "episode_length"})
 
-def check_finite(metrics: dict, seeds: list[int], update_count: int, per_step: int, run_dir: Path) -> None:
-    """Stop at the first non-finite loss or parameter, naming the seed and the update."""
-    steps = {k: v for k, v in metrics.items() if k != "params_finite"}  # each (S, T)
-    chunk_end = update_count + next(iter(steps.values())).shape[1] * per_step
-    for name, values in steps.items():
-        if not np.isfinite(values).all():
-            i, t = np.argwhere(~np.isfinite(values))[0]
-            stop(f"non-finite {name} for seed {seeds[i]} at update {update_count + (t + 1) * per_step}", run_dir)
-    if not metrics["params_finite"].all():
-        i = int(np.argmin(metrics["params_finite"]))
-        stop(f"non-finite parameters for seed {seeds[i]} by update {chunk_end}", run_dir)
+    def _returns_arrays(self) -> dict[str, np.ndarray]:
+        S, E = len(self.seeds), self.args.eval_episodes
+        returns = np.stack(self.history["returns"]) if self.history["returns"] else np.zeros((0, S, E))
+        return {"updates": np.asarray(self.history["updates"], np.int64), "returns": returns}
 
+    def checkpoint(self, tree: Any) -> None:
+        """The commit point: the agents and keys at this update (written after this update's logs)."""
+        if self._config_pending:  # before the checkpoint: a crash between the two leaves the new settings
+            write_json(self.dir / "config.json", {**self.config, **provenance()})  # recorded from the old checkpoint on
+            self._config_pending = False
+        tree = {**tree, "update": jnp.int32(self.update)}  # the checkpoint carries its own update count
+        write_atomic(self.dir / "checkpoint.eqx", lambda f: eqx.tree_serialise_leaves(f, tree), binary=True)
+        self.last_checkpoint = self.update
 
-def stop(what: str, run_dir: Path) -> None:
-    raise SystemExit(
-        f"{what}. Training stopped; the last good checkpoint is in {run_dir}. Fix the cause (e.g. a lower "
-        f"learning rate or cleaner data), then continue with --resume --run-dir {run_dir}.")
+    def _stop(self, what: str) -> None:
+        self.bar.close()
+        self.logs.close()
+        if self.last_checkpoint is not None:
+            act = (f"the last good checkpoint (update {self.last_checkpoint}) is in {self.dir}. To continue from it with other settings, "
+                   f"name them: --resume --run-dir {self.dir} --allow-change critic-lr --critic-lr <lower>")
+        else:
+            act = (f"no checkpoint was written yet (the first is at update {self.args.eval_every}). Start again with "
+                   "other settings (e.g. a lower learning rate or cleaner data); the same --run-dir is fine, its logs are replaced")
+        raise UserError(f"{what}. Training stopped; {act}.")
 
-
-def report(history: dict, spec: EnvSpec, seeds: list[int], run_dir: Path) -> dict:
-    """Print the final score per seed and mean +- std; write results.json."""
-    returns = history["returns"][-1]  # (S, E) at the last evaluation
-    has_ref = spec.ref_min_score is not None
-    per_seed = (scores.normalized(returns, spec.ref_min_score, spec.ref_max_score, spec.name) if has_ref else returns).mean(1)
-    label = "normalised score" if has_ref else "return (no reference scores for this dataset)"
-    print(f"\nfinal {label} on {spec.name} after {history['updates'][-1]} updates, {returns.shape[1]} episodes per seed")
-    for s, v in zip(seeds, per_seed):
-        print(f"  seed {s:>4}: {v:8.2f}")
-    print(f"  mean +- std: {per_seed.mean():.2f} +- {per_seed.std():.2f}")
-    results = {"env": spec.name, "source": spec.source, "updates": history["updates"][-1], "seeds": seeds,
-               "metric": label, "final_per_seed": per_seed.tolist(), "final_mean": float(per_seed.mean()),
-               "final_std": float(per_seed.std()), "episodes_per_seed": int(returns.shape[1])}
-    write_json(run_dir / "results.json", results)
-    return results
+    # --- the end
+    def finish(self) -> dict:
+        """Print the final score per seed and mean +- std; write results.json."""
+        spec, seeds = self.spec, self.seeds
+        returns = self.history["returns"][-1]  # (S, E) at the last evaluation
+        has_ref = spec.ref_min_score is not None
+        per_seed = (scores.normalized(returns, spec.ref_min_score, spec.ref_max_score, spec.name) if has_ref else returns).mean(1)
+        label = "normalised score" if has_ref else "return (no reference scores for this dataset)"
+        print(f"\nfinal {label} on {spec.name} after {self.history['updates'][-1]} updates, {returns.shape[1]} episodes per seed")
+        for s, v in zip(seeds, per_seed):
+            print(f"  seed {s:>4}: {v:8.2f}")
+        print(f"  mean +- std: {per_seed.mean():.2f} +- {per_seed.std():.2f}")
+        results = {"env": spec.name, "source": spec.source, "updates": self.history["updates"][-1], "seeds": seeds,
+                   "metric": label, "final_per_seed": per_seed.tolist(), "final_mean": float(per_seed.mean()),
+                   "final_std": float(per_seed.std()), "episodes_per_seed": int(returns.shape[1])}
+        write_json(self.dir / "results.json", results)
+        self.logs.close()
+        return results

@@ -1,8 +1,13 @@
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"  # also reaches the scripts the tests launch
 os.environ.setdefault("WANDB_MODE", "disabled")
+# one persistent XLA cache for the session (and the scripts it launches): the many short runs here
+# compile the same programs again and again, and compiling dominates them on CPU
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"misa-jax-test-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import gymnasium as gym  # noqa: E402
 import jax  # noqa: E402

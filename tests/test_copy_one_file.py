@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
                                    done=jnp.zeros(n, jnp.float32))
         init, train = algo.make_train(args, obs_dim, act_dim)
         keys = jax.random.split(jax.random.PRNGKey(0), 2)[None]
-        state, key, metrics = train(dataset, init(keys[:, 0]), keys[:, 1])
+        state, key, metrics = train(dataset, init(keys[:, 0]), keys[:, 1], jnp.int32(2))
         assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(metrics)), name
         print(name, "trained one chunk")
 """)

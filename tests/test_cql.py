@@ -177,8 +177,8 @@ def train_in_process(programs, train, dataset, seeds, chunks):
     keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.asarray(seeds))
     state, train_keys = init_v(keys[:, 0]), keys[:, 1]
     for _ in range(chunks):
-        state, train_keys, metrics = train(dataset, state, train_keys)
-    return state, metrics
+        state, train_keys, metrics = train(dataset, state, train_keys, jnp.int32(tiny_args().log_every))
+    return state, metrics["mean"]
 
 
 def test_bandit_cql_pushes_unseen_actions_below_the_data(programs):

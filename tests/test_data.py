@@ -6,6 +6,7 @@ import pytest
 
 from common import data
 from common.data import write_d4rl_hdf5
+from common.errors import UserError
 
 
 def reference_qlearning(raw, max_episode_steps):
@@ -87,28 +88,28 @@ def test_validation_errors(tmp_path):
     bad = dict(raw)
     del bad["terminals"]
     write_d4rl_hdf5(tmp_path / "missing.hdf5", bad)
-    with pytest.raises(KeyError, match=r"missing \['terminals'\]"):
+    with pytest.raises(UserError, match=r"missing \['terminals'\]"):
         data.load(str(tmp_path / "missing.hdf5"))
 
     bad = dict(raw, rewards=raw["rewards"][:-1])
     write_d4rl_hdf5(tmp_path / "shape.hdf5", bad)
-    with pytest.raises(ValueError, match="'rewards' has 9 rows but 'observations' has 10"):
+    with pytest.raises(UserError, match="'rewards' has 9 rows but 'observations' has 10"):
         data.load(str(tmp_path / "shape.hdf5"))
 
     bad = dict(raw, observations=raw["observations"].copy())
     bad["observations"][2, 1] = np.nan
     write_d4rl_hdf5(tmp_path / "nan.hdf5", bad)
-    with pytest.raises(ValueError, match=r"obs has 1 NaN/inf values in 1 rows \(first row 2\)"):
+    with pytest.raises(UserError, match=r"obs has 1 NaN/inf values in 1 rows \(first row 2\)"):
         data.load(str(tmp_path / "nan.hdf5"))
 
     bad = dict(raw, actions=raw["actions"] * 3.0)
     write_d4rl_hdf5(tmp_path / "range.hdf5", bad)
-    with pytest.raises(ValueError, match=r"actions must lie in \[-1, 1\]"):
+    with pytest.raises(UserError, match=r"actions must lie in \[-1, 1\]"):
         data.load(str(tmp_path / "range.hdf5"))
 
-    with pytest.raises(ValueError, match="Did you mean: hopper-medium-v2"):
+    with pytest.raises(UserError, match="Did you mean: hopper-medium-v2"):
         data.load("hopper-medum-v2")
-    with pytest.raises(FileNotFoundError, match="make_dataset --env Hopper-v7"):
+    with pytest.raises(UserError, match="make_dataset --env Hopper-v7"):
         data.load("ours/Hopper-v7/medium")
 
 
@@ -149,7 +150,7 @@ def test_unreachable_network_names_url_and_path(tmp_path, monkeypatch):
         raise urllib.error.URLError("network unreachable")
 
     monkeypatch.setattr(data.urllib.request, "urlopen", refuse)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(UserError) as e:
         data.load("walker2d-expert-v2", dataset_dir=tmp_path)
     msg = str(e.value)
     assert "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/walker2d_expert-v2.hdf5" in msg

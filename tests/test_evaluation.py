@@ -3,6 +3,7 @@ import pytest
 
 from common import evaluation
 from common.data import EnvSpec
+from common.errors import UserError
 
 PENDULUM = EnvSpec(name="pendulum-test", source="file", obs_dim=3, act_dim=1, max_episode_steps=20, eval_env_id="Pendulum-v1")
 
@@ -42,7 +43,7 @@ def test_actions_are_rescaled_to_the_env_bounds():
 def test_unsupported_env_fails_clearly():
     spec = EnvSpec(name="mystery.hdf5", source="file", obs_dim=3, act_dim=1, max_episode_steps=10,
                    eval_unsupported="mystery.hdf5 does not say which environment it came from")
-    with pytest.raises(NotImplementedError, match="mystery.hdf5.*does not say"):
+    with pytest.raises(UserError, match="mystery.hdf5.*does not say"):
         evaluation.Evaluator(spec, seeds=[0], episodes=1)
 
 

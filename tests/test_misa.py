@@ -124,8 +124,8 @@ def train_in_process(module, args, dataset, seeds=(0,), chunks=2):
     keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.asarray(seeds))
     state, train_keys = init_v(keys[:, 0]), keys[:, 1]
     for _ in range(chunks):
-        state, train_keys, metrics = train_v(dataset, state, train_keys)
-    return state, metrics
+        state, train_keys, metrics = train_v(dataset, state, train_keys, jnp.int32(args.log_every))
+    return state, metrics["mean"]
 
 
 def test_bandit_misa_keeps_q_and_policy_in_the_data():

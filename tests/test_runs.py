@@ -1,0 +1,254 @@
+"""What a run guarantees (common/runlog.py), tested on TD3+BC, the cheapest script; every script's main
+is the same loop over the same Run.
+
+- A crash at any write point, then the retry a user (or benchmarks/sweep.py) makes, ends with exactly
+  the files of an uninterrupted run.
+- Every user error ends with one message and exit status 2, before any run directory is made.
+- A resume refuses another algorithm, other data, or other settings unless named in --allow-change.
+"""
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from algorithms import td3_bc
+from common import runlog
+from common.data import write_d4rl_hdf5
+
+from conftest import hopper_rollouts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small(run_dir, env, **kw):
+    base = dict(env=str(env), num_seeds=2, num_updates=40, eval_every=20, log_every=20, eval_episodes=1,
+                hidden_dim=32, batch_size=32, run_dir=str(run_dir))
+    return td3_bc.Args(**{**base, **kw})
+
+
+def run_files(d: Path) -> dict[str, object]:
+    """A run directory's contents, comparable across runs: train.csv without its wall-clock column."""
+    rows = list(csv.DictReader(io.StringIO((d / "train.csv").read_text())))
+    for r in rows:
+        r.pop("updates_per_s")
+    returns = np.load(d / "returns.npz")
+    return {"train": rows, "eval": (d / "eval.csv").read_text(), "checkpoint": (d / "checkpoint.eqx").read_bytes(),
+            "returns": (returns["updates"].tolist(), returns["returns"].tolist()),
+            "results": json.loads((d / "results.json").read_text()),
+            "obs_stats": np.load(d / "obs_stats.npz")["mean"].tolist(),
+            "args": {k: v for k, v in json.loads((d / "config.json").read_text())["args"].items()
+                     if k not in ("run_dir", "resume")}}
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crash_at_any_write_point_then_a_retry_gives_the_uninterrupted_run(tiny_hopper, tmp_path, monkeypatch):
+    _, local = tiny_hopper
+    commits = []
+    real_replace = runlog.replace
+    monkeypatch.setattr(runlog, "replace", lambda tmp, path: (commits.append(path.name), real_replace(tmp, path)))
+    td3_bc.main(small(tmp_path / "reference", local))
+    reference = run_files(tmp_path / "reference")
+    points = list(commits)
+    assert points.count("checkpoint.eqx") == 2 and len(points) == 12, points  # config, stats, 3 chunks, 2 evals, results
+
+    for k, name in enumerate(points):
+        d = tmp_path / f"crash{k}"
+        calls = iter(range(len(points)))
+
+        def crashing(tmp, path, k=k):
+            if next(calls) == k:  # the k-th write is written aside but never committed: a kill at that moment
+                raise Crash(path.name)
+            real_replace(tmp, path)
+
+        monkeypatch.setattr(runlog, "replace", crashing)
+        with pytest.raises(Crash):
+            td3_bc.main(small(d, local))
+        monkeypatch.setattr(runlog, "replace", real_replace)
+        td3_bc.main(small(d, local, resume=(d / "checkpoint.eqx").exists()))  # what sweep.py does
+        assert run_files(d) == reference, f"crash before committing write {k} ({name})"
+        assert not list(d.glob("*.tmp")), f"crash at write {k} ({name}) left temporary files"
+
+
+def test_seed_i_of_a_multi_seed_run_starts_as_the_single_seed_run(tiny_hopper, tmp_path):
+    """The documented guarantee: identical initial parameters, keys and minibatches, so the first
+    chunk agrees to float rounding (XLA's vmapped matmuls may sum in another order)."""
+    _, local = tiny_hopper
+    td3_bc.main(small(tmp_path / "two", local, num_updates=10, eval_every=10, log_every=10))
+    td3_bc.main(small(tmp_path / "one", local, num_updates=10, eval_every=10, log_every=10, num_seeds=1, seed=1))
+    two = list(csv.DictReader(open(tmp_path / "two" / "train.csv")))
+    one = list(csv.DictReader(open(tmp_path / "one" / "train.csv")))
+    seed1 = [r for r in two if r["seed"] == "1"]
+    for a, b in zip(seed1, one):
+        for k in ("critic_loss", "actor_loss", "bc_mse"):
+            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-4), k
+
+
+# --------------------------------------------------------------------------- bad input
+def write_bad(path: Path, how: str) -> Path:
+    arrays = hopper_rollouts(200)
+    meta = {"env_id": "Hopper-v5", "max_episode_steps": 1000}
+    if how == "garbage":
+        path.write_bytes(b"this is not HDF5\n" * 100)
+        return path
+    if how == "truncated":
+        write_d4rl_hdf5(path, arrays, meta)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return path
+    if how == "nan":
+        arrays["observations"][5, 1] = np.nan
+    elif how == "out_of_range":
+        arrays["actions"] *= 3.0
+    elif how == "misaligned":
+        arrays["rewards"] = arrays["rewards"][:-3]
+    elif how == "no_terminals":
+        del arrays["terminals"]
+    elif how == "unknown_env":
+        meta = {"env_id": "Hoppper-v5"}
+    write_d4rl_hdf5(path, arrays, meta)
+    if how == "group":
+        with h5py.File(path, "a") as f:
+            obs = f["observations"][()]
+            del f["observations"]
+            f["observations/joint"] = obs
+    return path
+
+
+FLAG_CASES = [
+    (["--actor-lr", "-1"], "--actor-lr must be positive"),
+    (["--critic-lr", "nan"], "--critic-lr must be positive"),
+    (["--hidden-dim", "0"], "--hidden-dim must be at least 1"),
+    (["--discount", "2"], "--discount must be in [0, 1]"),
+    (["--tau", "0"], "--tau must be in (0, 1]"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "-5"], "--batch-size must be at least 1"),
+    (["--num-updates", "0"], "--num-updates must be at least 1"),
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--eval-every", "0"], "--eval-every must be at least 1"),
+    (["--eval-episodes", "0"], "--eval-episodes must be at least 1"),
+    (["--policy-delay", "0"], "--policy-delay must be at least 1"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--num-seeds", "0"], "--num-seeds must be at least 1"),
+    (["--num-updates", "1001"], "multiples of --policy-delay"),
+    (["--resume"], "--resume needs --run-dir"),
+    (["--allow-change", "learning-rate"], "--allow-change names no setting"),
+]
+DATA_CASES = [
+    ("hopper-medum-v2", "Did you mean: hopper-medium-v2"),
+    ("ours/Hopper-v7/medium", "make_dataset --env Hopper-v7"),
+    ("missing.hdf5", "does not exist"),
+    ("garbage", "cannot be read as HDF5"),
+    ("truncated", "cannot be read as HDF5"),
+    ("no_terminals", "missing ['terminals']"),
+    ("misaligned", "the arrays must align"),
+    ("nan", "NaN/inf values"),
+    ("out_of_range", "actions must lie in [-1, 1]"),
+    ("group", "is a group of ['joint'], not an array"),
+    ("unknown_env", "cannot make its evaluation env 'Hoppper-v5'"),
+]
+
+
+def cli_error(argv: list[str], monkeypatch, capsys, module=td3_bc) -> str:
+    """Run the script's command line in this process; assert exit status 2 and return its one message."""
+    monkeypatch.setattr(sys, "argv", ["td3_bc.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        runlog.cli(module.main, module.Args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("flags,message", FLAG_CASES, ids=[" ".join(f) for f, _ in FLAG_CASES])
+def test_bad_flags_are_refused_before_any_work(flags, message, tmp_path, monkeypatch, capsys):
+    err = cli_error([*flags, "--run-dir", str(tmp_path / "run")] if "--resume" not in flags else flags,
+                    monkeypatch, capsys)
+    assert message in err and err.startswith("error: invalid arguments")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("env,message", DATA_CASES, ids=[e for e, _ in DATA_CASES])
+def test_bad_data_is_refused_before_any_work(env, message, tmp_path, monkeypatch, capsys):
+    if not env.startswith(("hopper", "ours", "missing")):
+        env = str(write_bad(tmp_path / f"{env}.hdf5", env))
+    elif env == "missing.hdf5":
+        env = str(tmp_path / env)
+    err = cli_error(["--env", env, "--run-dir", str(tmp_path / "run")], monkeypatch, capsys)
+    assert message in err, err
+    assert len(err.strip().splitlines()) <= 3, err  # one message, not a dump
+    assert not (tmp_path / "run").exists()
+
+
+def test_unusable_run_directories(tiny_hopper, tmp_path, monkeypatch, capsys):
+    _, local = tiny_hopper
+    (tmp_path / "a_file").write_text("")
+    err = cli_error(["--env", str(local), "--run-dir", str(tmp_path / "a_file" / "run")], monkeypatch, capsys)
+    assert "cannot write to the run directory" in err
+    monkeypatch.setattr(runlog.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    err = cli_error(["--env", str(local), "--run-dir", str(tmp_path / "full")], monkeypatch, capsys)
+    assert "1 MiB free" in err and "needs about" in err
+
+
+def test_impossible_resumes(tiny_hopper, tmp_path, monkeypatch, capsys):
+    _, local = tiny_hopper
+    data = tmp_path / "data.hdf5"
+    shutil.copy(local, data)
+    env = ["--env", str(data), "--num-seeds", "2", "--num-updates", "20", "--eval-every", "20", "--log-every", "20",
+           "--eval-episodes", "1", "--hidden-dim", "32", "--batch-size", "32"]
+    d = tmp_path / "run"
+
+    def resume(*more, run_dir=d):
+        return cli_error([*env, "--run-dir", str(run_dir), "--resume", *more], monkeypatch, capsys)
+
+    assert "nothing to resume" in resume(run_dir=tmp_path / "absent") and not (tmp_path / "absent").exists()
+    (tmp_path / "empty").mkdir()
+    assert "holds no run (no config.json)" in resume(run_dir=tmp_path / "empty")
+
+    monkeypatch.setattr(sys, "argv", ["td3_bc.py", *env, "--run-dir", str(d)])
+    runlog.cli(td3_bc.main, td3_bc.Args)
+    err = resume("--critic-lr", "1e-4")
+    assert "other settings" in err and "--critic-lr 0.0003 -> 0.0001" in err and "--allow-change critic-lr" in err
+    assert "cannot change --num-seeds (2 -> 3)" in resume("--num-seeds", "3", "--allow-change", "num-seeds")
+
+    saved = d / "config.json"
+    config = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**config, "algo": "misa"}))
+    assert "holds a misa run, not a td3_bc one: resume it with algorithms/misa.py" in resume()
+    saved.write_text(json.dumps(config))
+
+    ckpt = (d / "checkpoint.eqx").read_bytes()
+    (d / "checkpoint.eqx").write_bytes(ckpt[: len(ckpt) // 2])
+    assert "checkpoint.eqx cannot be read" in resume()
+    (d / "checkpoint.eqx").write_bytes(ckpt)
+    (d / "returns.npz").rename(d / "returns.bak")
+    assert "returns.npz is missing" in resume()
+    (d / "returns.bak").rename(d / "returns.npz")
+
+    write_d4rl_hdf5(data, hopper_rollouts(1500, seed=1), {"env_id": "Hopper-v5", "max_episode_steps": 1000})
+    assert "is not the one this run was trained on" in resume()  # the same path, other contents
+    assert (d / "obs_stats.npz").exists() and json.loads(saved.read_text()) == config  # nothing was touched
+    saved.unlink()
+    assert "holds no run (no config.json)" in resume()
+
+
+def test_a_refused_run_prints_no_traceback(tmp_path):
+    """The same, as a user sees it: the script itself, one message on stderr, exit status 2."""
+    out = subprocess.run([sys.executable, str(ROOT / "algorithms" / "misa_dv.py"), "--hmc-target-accept", "1.5",
+                          "--env", "hopper-medum-v2", "--run-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: invalid arguments") and "--hmc-target-accept must be in (0, 1)" in out.stderr
+    out = subprocess.run([sys.executable, str(ROOT / "algorithms" / "cql.py"), "--env", "hopper-medum-v2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "Did you mean: hopper-medium-v2" in out.stderr
