@@ -49,7 +49,6 @@ Variants: --lagrange-gap 5 (CQL-Lagrange), --max-target-backup True, --no-import
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import NamedTuple
 
 
@@ -126,8 +125,13 @@ class Args:
     """Polyak rate of the target critics"""
     target_entropy: float | None = None
     """entropy target of the automatic temperature (default -act_dim)"""
+    reward_norm: bool | None = None
+    """scale the rewards to [-1, 1] by the dataset's own min and max (default: domain preset; on for
+    Adroit and Kitchen, as in the official MISA code, so that the two methods see the same data);
+    replaces --reward-scale/--reward-bias"""
     reward_scale: float | None = None
-    """r' = reward_scale * r + reward_bias (default: domain preset; AntMaze 10 r - 5)"""
+    """r' = reward_scale * r + reward_bias without --reward-norm (default: domain preset; AntMaze 10 r - 5);
+    giving either one turns the preset's --reward-norm off"""
     reward_bias: float | None = None
     """see reward_scale"""
 
@@ -142,9 +146,12 @@ class Args:
     importance_sample: bool = True
     """weight each sampled action by 1 / its proposal density (JaxCQL `cql_importance_sample`, CORL);
     --no-importance-sample: plain log-sum-exp over the 3K sampled actions and the data action"""
+    lagrange: bool | None = None
+    """CQL-Lagrange: adapt alpha' so that the regulariser stays near --lagrange-gap (default: domain
+    preset; on for AntMaze, young-geng/CQL#2; off elsewhere, JaxCQL `cql_lagrange=False`; giving
+    --lagrange-gap turns it on)"""
     lagrange_gap: float | None = None
-    """CQL-Lagrange target action gap: adapt alpha' so the regulariser stays near it (default: domain
-    preset; AntMaze 0.2, young-geng/CQL#2; off elsewhere, JaxCQL `cql_lagrange=False`); negative: off"""
+    """CQL-Lagrange target action gap (default: domain preset; AntMaze 0.2, JaxCQL `cql_target_action_gap` 1)"""
     clip_diff_min: float | None = None
     """lower clip of each state's gap log-sum-exp - Q(s, a_data) (default: domain preset; AntMaze -200,
     young-geng/CQL#2; else none, JaxCQL `cql_clip_diff_min=-inf`)"""
@@ -236,7 +243,7 @@ class AgentState(eqx.Module):
     critic: Critic
     critic_target: Critic
     log_alpha: jax.Array  # SAC entropy temperature
-    log_alpha_prime: jax.Array  # Lagrange multiplier on min_q_weight (used when lagrange_gap > 0)
+    log_alpha_prime: jax.Array  # Lagrange multiplier on min_q_weight (used with --lagrange)
     actor_opt: optax.OptState
     critic_opt: optax.OptState
     alpha_opt: optax.OptState
@@ -346,7 +353,7 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
     """One CQL update: critics (TD + CQL(H)), the Lagrange multiplier, actor (SAC or BC), temperature, targets."""
     batch_key, critic_key, actor_key = jax.random.split(key, 3)
     batch = sample(dataset, batch_key, args.batch_size)
-    lagrange = args.lagrange_gap is not None and args.lagrange_gap > 0
+    lagrange = args.lagrange
     cql_weight = args.min_q_weight * (jnp.clip(jnp.exp(state.log_alpha_prime), 0.0, 1e6) if lagrange else 1.0)
     alpha = jnp.exp(state.log_alpha)
 
@@ -386,7 +393,9 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
     (in_axes None), never closed over, so it is not baked into the program. It returns each training
     metric's mean over the chunk and the first loop step at which it was not finite (NEVER if none),
     so that a NaN is reported at its update without keeping every step's values."""
-    args = resolve_args(args)  # fills only the fields left at None
+    unresolved = [k for k in PRESETS["locomotion"] if getattr(args, k) is None]
+    if unresolved:
+        raise ValueError(f"make_train takes resolved args (resolve_args); {unresolved} are None")
     lr = lambda base: optax.cosine_decay_schedule(base, args.num_updates) if args.cosine_schedule else base
     opt = Optimisers(actor=optax.adam(lr(args.actor_lr)), critic=optax.adam(lr(args.critic_lr)),
                      alpha=optax.adam(args.actor_lr), alpha_prime=optax.adam(args.critic_lr))
@@ -438,44 +447,44 @@ def act(actors: Actor, obs: jax.Array, obs_mean: jax.Array, obs_std: jax.Array) 
 # Per-domain settings that differ from the defaults above. Locomotion: JaxCQL defaults. AntMaze:
 # young-geng/CQL#2. Adroit, Kitchen: no JaxCQL/CORL recipe was found; Lagrange off and the rewards
 # scaled to [-1, 1] as in the official MISA code, so that the two methods see the same data.
+_PLAIN = dict(num_layers=2, actor_lr=3e-4, lagrange=False, lagrange_gap=1.0, clip_diff_min=-INF,
+              max_target_backup=False, bc_steps=0, reward_norm=False, reward_scale=1.0, reward_bias=0.0,
+              eval_episodes=10)
 PRESETS = {
-    "locomotion": dict(num_layers=2, actor_lr=3e-4, lagrange_gap=-1.0, clip_diff_min=-INF, max_target_backup=False,
-                       bc_steps=0, reward_scale=1.0, reward_bias=0.0, eval_episodes=10),
-    "antmaze": dict(num_layers=3, actor_lr=1e-4, lagrange_gap=0.2, clip_diff_min=-200.0, max_target_backup=True,
-                    bc_steps=40_000, reward_scale=10.0, reward_bias=-5.0, eval_episodes=100),
-    "adroit": dict(num_layers=2, actor_lr=3e-4, lagrange_gap=-1.0, clip_diff_min=-INF, max_target_backup=False,
-                   bc_steps=0, reward_scale=None, reward_bias=None, eval_episodes=10),
-    "kitchen": dict(num_layers=2, actor_lr=3e-4, lagrange_gap=-1.0, clip_diff_min=-INF, max_target_backup=False,
-                    bc_steps=0, reward_scale=None, reward_bias=None, eval_episodes=10),
+    "locomotion": _PLAIN,
+    "antmaze": {**_PLAIN, **dict(num_layers=3, actor_lr=1e-4, lagrange=True, lagrange_gap=0.2, clip_diff_min=-200.0,
+                                 max_target_backup=True, bc_steps=40_000, reward_scale=10.0, reward_bias=-5.0,
+                                 eval_episodes=100)},
+    "adroit": {**_PLAIN, "reward_norm": True},
+    "kitchen": {**_PLAIN, "reward_norm": True},
 }
 
 
-def domain_of(env: str, eval_env_id: str | None = None) -> str:
-    """Benchmark domain of a dataset, from its name or, for local files, its evaluation env id
-    (D4RL names, Minari ids such as D4RL/door/human-v2, gymnasium ids such as AdroitHandDoor-v1)."""
-    text = f"{env} {eval_env_id or ''}".lower()
-    for domain, pattern in {"antmaze": r"antmaze", "adroit": r"\b(pen|door|hammer|relocate)\b|adroithand",
-                            "kitchen": r"kitchen"}.items():
-        if re.search(pattern, text):
-            return domain
-    return "locomotion"
-
-
-def resolve_args(args: Args, rewards: np.ndarray | None = None, eval_env_id: str | None = None) -> Args:
-    """Fill every field left at None from the domain preset; returns the effective config.
-    Adroit and Kitchen rewards are scaled to [-1, 1] by the dataset's own range (official MISA code)."""
-    preset = dict(PRESETS[domain_of(args.env, eval_env_id)])
-    if preset["reward_scale"] is None:
-        lo, hi = (float(rewards.min()), float(rewards.max())) if rewards is not None else (0.0, 1.0)
-        preset["reward_scale"] = 2.0 / max(hi - lo, 1e-8)
-        preset["reward_bias"] = -1.0 - lo * preset["reward_scale"]
-    return dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+def resolve_args(args: Args, domain: str, rewards: np.ndarray | None = None) -> Args:
+    """The effective config: every field left at None comes from the preset of the dataset's domain
+    (`EnvSpec.domain`). With reward_norm, `rewards` (the dataset's) set reward_scale and reward_bias."""
+    preset = dict(PRESETS[domain])
+    if args.reward_scale is not None or args.reward_bias is not None:
+        preset["reward_norm"] = False  # an explicit affine transform replaces the preset's scaling
+    if args.lagrange_gap is not None:
+        preset["lagrange"] = True  # a budget asks for the multiplier
+    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    if args.reward_norm:
+        if rewards is None:
+            raise ValueError("reward_norm needs the dataset's rewards")
+        lo, hi = float(rewards.min()), float(rewards.max())
+        scale = 2.0 / max(hi - lo, 1e-8)
+        args = dataclasses.replace(args, reward_scale=scale, reward_bias=-1.0 - lo * scale)
+    return args
 
 
 def check_args(args: Args) -> list[str]:
     """What is wrong with this script's own combinations of settings (common.runlog.check checks
     each setting's range, for every script)."""
     problems = []
+    if args.reward_norm and (args.reward_scale is not None or args.reward_bias is not None):
+        problems.append("--reward-norm sets the reward scale and bias itself: "
+                        "drop --reward-scale/--reward-bias, or --reward-norm")
     return problems
 
 
@@ -487,7 +496,7 @@ def main(args: Args) -> dict:
     # --- data: the domain's reward transform, visibly here; observation normalisation is optional
     # (off in the official code); statistics are constants, outside every Module
     raw, spec = data.load(args.env, args.dataset_dir)
-    args = resolve_args(args, raw.reward, spec.eval_env_id)
+    args = resolve_args(args, spec.domain, raw.reward)
     if args.normalize_obs:
         obs_mean, obs_std = raw.obs.mean(0), raw.obs.std(0) + 1e-3
     else:

@@ -81,7 +81,6 @@ Ablations (paper Table 2): --num-samples 5|20, --hmc-burnin 1, --no-unbiased (MI
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Literal, NamedTuple
 
 
@@ -156,8 +155,12 @@ class Args:
     """Polyak rate of the target critics"""
     target_entropy: float | None = None
     """entropy target of the automatic temperature (default -act_dim)"""
+    reward_norm: bool | None = None
+    """scale the rewards to [-1, 1] by the dataset's own min and max (default: domain preset; on for
+    Adroit and Kitchen, as in the official MISA code); replaces --reward-scale/--reward-bias"""
     reward_scale: float | None = None
-    """r' = reward_scale * r + reward_bias (default: domain preset; AntMaze (r - 0.5) * 4)"""
+    """r' = reward_scale * r + reward_bias without --reward-norm (default: domain preset; AntMaze (r - 0.5) * 4);
+    giving either one turns the preset's --reward-norm off"""
     reward_bias: float | None = None
     """see reward_scale"""
 
@@ -168,9 +171,12 @@ class Args:
     """gamma_1: weight of the MI regulariser in the critic loss (official code)"""
     temperature: float = 1.0
     """the bound is applied to Q / temperature and rescaled (official code: 1)"""
+    lagrange: bool | None = None
+    """adapt gamma_1 by a Lagrange multiplier so that the regulariser stays near --lagrange-tau
+    (default: domain preset; on for AntMaze, Adroit and Kitchen, off for locomotion; giving
+    --lagrange-tau turns it on)"""
     lagrange_tau: float | None = None
-    """Lagrange budget tau: adapt gamma_1 so the regulariser stays near tau (default: domain preset;
-    AntMaze 10, Adroit/Kitchen 3, locomotion off); a negative value turns it off. Compared with the
+    """Lagrange budget tau (default: domain preset; AntMaze 10, Adroit/Kitchen 3). Compared with the
     official code's log-B-normalised regulariser, as for the paper's numbers (see --lse-norm)"""
     bc_weight: float = 0.5
     """gamma_2 on the actor's E_D[log pi(a|s)] (and entropy) term (official code)"""
@@ -331,7 +337,7 @@ class AgentState(eqx.Module):
     critic: Critic
     critic_target: Critic
     log_alpha: jax.Array  # SAC entropy temperature
-    log_gamma: jax.Array  # log of the Lagrange multiplier on gamma_1 (used when lagrange_tau > 0)
+    log_gamma: jax.Array  # log of the Lagrange multiplier on gamma_1 (used with --lagrange)
     hmc_log_step: jax.Array  # log HMC step size (policy-std units) the chains start from; adapted when --hmc-adapt
     actor_opt: optax.OptState
     critic_opt: optax.OptState
@@ -547,7 +553,7 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
     batch = sample(dataset, batch_key, args.batch_size)
     noise = draw_noise(noise_key, args.batch_size, args.num_samples, batch.action.shape[1])
     regularise = not args.ba_only
-    lagrange = args.lagrange_tau is not None and args.lagrange_tau > 0
+    lagrange = args.lagrange
     gamma_1 = args.min_q_weight * (jnp.clip(jnp.exp(state.log_gamma), 0.0, 1e6) if lagrange else 1.0) * regularise
     budget = lagrange_budget(args) if lagrange else 0.0
 
@@ -601,7 +607,9 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
     (in_axes None), never closed over, so it is not baked into the program. It returns each training
     metric's mean over the chunk and the first loop step at which it was not finite (NEVER if none),
     so that a NaN is reported at its update without keeping every step's values."""
-    args = resolve_args(args) if args.num_layers is None else args
+    unresolved = [k for k in PRESETS["locomotion"] if getattr(args, k) is None]
+    if unresolved:
+        raise ValueError(f"make_train takes resolved args (resolve_args); {unresolved} are None")
     lr = lambda base: optax.cosine_decay_schedule(base, args.num_updates) if args.cosine_schedule else base
     opt = Optimisers(actor=optax.adam(lr(args.actor_lr)), critic=optax.adam(lr(args.critic_lr)),
                      alpha=optax.adam(args.actor_lr), gamma=optax.adam(args.lagrange_lr))
@@ -652,39 +660,42 @@ def act(actors: Actor, obs: jax.Array, obs_mean: jax.Array, obs_std: jax.Array) 
 # ============================================================================ main
 # Per-domain settings that differ from the defaults above (paper, Section 5 and Appendix; official code).
 PRESETS = {
-    "locomotion": dict(num_layers=2, lagrange_tau=-1.0, reward_scale=1.0, reward_bias=0.0, eval_episodes=10),
-    "antmaze": dict(num_layers=3, lagrange_tau=10.0, reward_scale=4.0, reward_bias=-2.0, eval_episodes=100),
-    "adroit": dict(num_layers=2, lagrange_tau=3.0, reward_scale=None, reward_bias=None, eval_episodes=10),
-    "kitchen": dict(num_layers=2, lagrange_tau=3.0, reward_scale=None, reward_bias=None, eval_episodes=10),
+    "locomotion": dict(num_layers=2, lagrange=False, lagrange_tau=10.0, reward_norm=False, reward_scale=1.0,
+                       reward_bias=0.0, eval_episodes=10),  # lagrange_tau unused while lagrange is off
+    "antmaze": dict(num_layers=3, lagrange=True, lagrange_tau=10.0, reward_norm=False, reward_scale=4.0,
+                    reward_bias=-2.0, eval_episodes=100),
+    "adroit": dict(num_layers=2, lagrange=True, lagrange_tau=3.0, reward_norm=True, reward_scale=1.0,
+                   reward_bias=0.0, eval_episodes=10),
+    "kitchen": dict(num_layers=2, lagrange=True, lagrange_tau=3.0, reward_norm=True, reward_scale=1.0,
+                    reward_bias=0.0, eval_episodes=10),
 }
 
 
-def domain_of(env: str, eval_env_id: str | None = None) -> str:
-    """Benchmark domain of a dataset, from its name or, for local files, its evaluation env id
-    (D4RL names, Minari ids such as D4RL/door/human-v2, gymnasium ids such as AdroitHandDoor-v1)."""
-    text = f"{env} {eval_env_id or ''}".lower()
-    for domain, pattern in {"antmaze": r"antmaze", "adroit": r"\b(pen|door|hammer|relocate)\b|adroithand",
-                            "kitchen": r"kitchen"}.items():
-        if re.search(pattern, text):
-            return domain
-    return "locomotion"
-
-
-def resolve_args(args: Args, rewards: np.ndarray | None = None, eval_env_id: str | None = None) -> Args:
-    """Fill every field left at None from the domain preset; returns the effective config.
-    Adroit and Kitchen rewards are scaled to [-1, 1] by the dataset's own range (official code)."""
-    preset = dict(PRESETS[domain_of(args.env, eval_env_id)])
-    if preset["reward_scale"] is None:
-        lo, hi = (float(rewards.min()), float(rewards.max())) if rewards is not None else (0.0, 1.0)
-        preset["reward_scale"] = 2.0 / max(hi - lo, 1e-8)
-        preset["reward_bias"] = -1.0 - lo * preset["reward_scale"]
-    return dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+def resolve_args(args: Args, domain: str, rewards: np.ndarray | None = None) -> Args:
+    """The effective config: every field left at None comes from the preset of the dataset's domain
+    (`EnvSpec.domain`). With reward_norm, `rewards` (the dataset's) set reward_scale and reward_bias."""
+    preset = dict(PRESETS[domain])
+    if args.reward_scale is not None or args.reward_bias is not None:
+        preset["reward_norm"] = False  # an explicit affine transform replaces the preset's scaling
+    if args.lagrange_tau is not None:
+        preset["lagrange"] = True  # a budget asks for the multiplier
+    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    if args.reward_norm:
+        if rewards is None:
+            raise ValueError("reward_norm needs the dataset's rewards")
+        lo, hi = float(rewards.min()), float(rewards.max())
+        scale = 2.0 / max(hi - lo, 1e-8)
+        args = dataclasses.replace(args, reward_scale=scale, reward_bias=-1.0 - lo * scale)
+    return args
 
 
 def check_args(args: Args) -> list[str]:
     """What is wrong with this script's own combinations of settings (common.runlog.check checks
     each setting's range, for every script)."""
     problems = []
+    if args.reward_norm and (args.reward_scale is not None or args.reward_bias is not None):
+        problems.append("--reward-norm sets the reward scale and bias itself: "
+                        "drop --reward-scale/--reward-bias, or --reward-norm")
     if args.ba_only and args.no_ba:
         problems.append("--ba-only and --no-ba exclude each other")
     return problems
@@ -698,7 +709,7 @@ def main(args: Args) -> dict:
     # --- data: the domain's reward transform, visibly here; observation normalisation is optional
     # (off in the official code); statistics are constants, outside every Module
     raw, spec = data.load(args.env, args.dataset_dir)
-    args = resolve_args(args, raw.reward, spec.eval_env_id)
+    args = resolve_args(args, spec.domain, raw.reward)
     if args.normalize_obs:
         obs_mean, obs_std = raw.obs.mean(0), raw.obs.std(0) + 1e-3
     else:

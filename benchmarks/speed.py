@@ -102,6 +102,8 @@ def measure(entry: str, num_seeds: int, cfg: Config) -> dict:
     module = load_algorithm(algo)
     args = module.Args(num_seeds=num_seeds, log_every=cfg.chunk, eval_every=cfg.chunk, num_updates=1000 * cfg.chunk,
                        **overrides)
+    if hasattr(module, "resolve_args"):  # the locomotion preset (the data below are hopper-shaped)
+        args = module.resolve_args(args, "locomotion")
     rng = np.random.default_rng(0)
     n, obs_dim, act_dim = cfg.dataset_size, 11, 3
     dataset = data.Transitions(

@@ -67,6 +67,7 @@ class EnvSpec:
     ref_min_score: float | None = None
     ref_max_score: float | None = None
     eval_unsupported: str | None = None  # why no evaluation env can be built yet
+    domain: str = "locomotion"  # one of DOMAINS: the algorithm files key their per-domain presets by it
 
 
 # --------------------------------------------------------------------------- D4RL registry
@@ -108,6 +109,30 @@ def _d4rl_registry() -> dict[str, tuple[str, int]]:
 
 D4RL_DATASETS = _d4rl_registry()
 
+# --------------------------------------------------------------------------- domains
+DOMAINS = ("locomotion", "antmaze", "adroit", "kitchen")
+_TASK_DOMAINS = {**dict.fromkeys(_LOCOMOTION, "locomotion"), "antmaze": "antmaze",
+                 **dict.fromkeys(_ADROIT_STEPS, "adroit"), "kitchen": "kitchen"}
+_GYM_PREFIXES = {"AntMaze": "antmaze", "AdroitHand": "adroit", "FrankaKitchen": "kitchen"}  # gymnasium-robotics ids
+
+
+def domain_of(name: str) -> str:
+    """The benchmark domain of a D4RL name (`pen-human-v1`), a Minari id (`D4RL/door/human-v2`,
+    `mujoco/hopper/medium-v0`), an `ours/<EnvId>/<split>` name or a gymnasium id (`AdroitHandDoor-v1`,
+    `common.envs:antmaze-umaze-v0`); anything else is treated as locomotion."""
+    name = name.removeprefix("common.envs:")
+    if name.endswith((".hdf5", ".h5")):  # a local file: D4RL's file names start with the task
+        name = Path(name).stem
+    parts = name.split("/")
+    if parts[0] == "ours" and len(parts) == 3:
+        return domain_of(parts[1])
+    if len(parts) == 3:  # a Minari id: namespace/task/split
+        return _TASK_DOMAINS.get(parts[1].lower(), "locomotion")
+    for prefix, domain in _GYM_PREFIXES.items():
+        if name.startswith(prefix):
+            return domain
+    return _TASK_DOMAINS.get(name.split("-")[0].split("_")[0].lower(), "locomotion")
+
 
 def d4rl_spec_fields(name: str) -> dict:
     """Evaluation-env fields of the EnvSpec for a D4RL dataset name."""
@@ -132,6 +157,12 @@ def d4rl_spec_fields(name: str) -> dict:
 # --------------------------------------------------------------------------- public API
 def load(env: str, dataset_dir: str | os.PathLike | None = None, download: bool = True) -> tuple[Transitions, EnvSpec]:
     """Load a dataset by D4RL name, Minari id, `ours/...` name or HDF5 path. See the module docstring."""
+    transitions, spec = _load(env, dataset_dir, download)
+    # the evaluation env names the domain best (a local file's name may say nothing); else the dataset's name
+    return transitions, dataclasses.replace(spec, domain=domain_of(spec.eval_env_id or spec.name))
+
+
+def _load(env: str, dataset_dir: str | os.PathLike | None, download: bool) -> tuple[Transitions, EnvSpec]:
     path = Path(env).expanduser()
     if env.endswith((".hdf5", ".h5")) or path.is_file():
         if not path.is_file():

@@ -91,7 +91,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(["seed", "hmc_burnin", "bc_steps", "learning_starts", "min_q_weight", "bc_weight",
                      "unbiased_weight", "hmc_adapt_rate", "policy_noise", "noise_clip", "alpha"], _at_least(0)),
     **dict.fromkeys(["actor_lr", "critic_lr", "alpha_lr", "lagrange_lr", "hmc_step_size", "temperature",
-                     "init_alpha"], _POSITIVE),
+                     "init_alpha", "lagrange_tau", "lagrange_gap"], _POSITIVE),
     "discount": _UNIT,
     "tau": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "hmc_target_accept": ((lambda v: 0 < v < 1), "in (0, 1)"),

@@ -23,8 +23,8 @@ SCRIPT = textwrap.dedent("""
         algo = importlib.import_module(name)
         small = dict(num_seeds=1, num_updates=4, log_every=2, eval_every=2, hidden_dim=16, batch_size=8)
         fields = algo.Args.__dataclass_fields__
-        small.update({k: v for k, v in dict(num_layers=2, num_samples=2, hmc_burnin=1, lagrange_tau=-1.0, lagrange_gap=-1.0,
-                                             reward_scale=1.0, reward_bias=0.0, eval_episodes=1, actor_lr=3e-4,
+        small.update({k: v for k, v in dict(num_layers=2, num_samples=2, hmc_burnin=1, lagrange=False, lagrange_tau=1.0,
+                                             lagrange_gap=1.0, reward_norm=False, reward_scale=1.0, reward_bias=0.0, eval_episodes=1, actor_lr=3e-4,
                                              bc_steps=0, max_target_backup=False, clip_diff_min=-np.inf).items()
                       if k in fields})
         args = algo.Args(**small)

@@ -105,7 +105,8 @@ def bandit_dataset(n=512, seed=0, low=0.3, high=0.7):
 def test_lagrange_multiplier_moves_towards_the_target_gap(target_gap, grows):
     """log alpha' takes Adam steps on -alpha' min_q_weight (gap - target): up while the regulariser is
     above its target, down while below. Three eager updates on stub networks."""
-    args = cql.resolve_args(cql.Args(lagrange_gap=target_gap, num_samples=4, batch_size=16, critic_lr=0.05))
+    args = cql.resolve_args(cql.Args(lagrange_gap=target_gap, num_samples=4, batch_size=16, critic_lr=0.05),
+                            "locomotion")
     state, opt = stub_state(args)
     ds, key = bandit_dataset(64), jax.random.PRNGKey(0)
     values = [float(state.log_alpha_prime)]
@@ -117,8 +118,8 @@ def test_lagrange_multiplier_moves_towards_the_target_gap(target_gap, grows):
     assert metrics["cql_weight"] == pytest.approx(5.0 * np.exp(values[-2]), rel=1e-5)  # alpha = min_q_weight alpha'
     steps = np.diff(values)
     assert np.all(steps > 0) if grows else np.all(steps < 0)
-    # without --lagrange-gap the multiplier stays put and alpha = min_q_weight
-    off = cql.resolve_args(cql.Args(num_samples=4, batch_size=16))
+    # without --lagrange the multiplier stays put and alpha = min_q_weight
+    off = cql.resolve_args(cql.Args(num_samples=4, batch_size=16), "locomotion")
     state, opt = stub_state(off)
     state, metrics = cql.update(state, ds, key, off, opt)
     assert float(state.log_alpha_prime) == 1.0 and float(metrics["cql_weight"]) == 5.0
@@ -131,7 +132,7 @@ def test_max_target_backup_takes_the_best_next_action():
     actor, critic = GaussActor(jnp.zeros(1), jnp.zeros(1)), LinearCritic(jnp.array([1.0, 1.0]))
     targets = {}
     for backup in (False, True):
-        args = cql.resolve_args(cql.Args(discount=1.0, num_samples=16, max_target_backup=backup))
+        args = cql.resolve_args(cql.Args(discount=1.0, num_samples=16, max_target_backup=backup), "locomotion")
         _, m = cql.critic_loss(critic, ds, actor, critic, 1.0, 1.0, jax.random.PRNGKey(1), args)
         targets[backup] = float(m["q_target"])
     u = np.random.default_rng(0).normal(size=(100_000, 16))
@@ -142,7 +143,7 @@ def test_max_target_backup_takes_the_best_next_action():
 def test_bc_phase_replaces_q_by_the_data_log_likelihood():
     ds = bandit_dataset(32)
     actor = GaussActor(jnp.array([0.2]), jnp.array([-0.5]))
-    args = cql.resolve_args(cql.Args())
+    args = cql.resolve_args(cql.Args(), "locomotion")
     key = jax.random.PRNGKey(0)
     grad_of = lambda critic, bc: eqx.filter_value_and_grad(cql.actor_loss, has_aux=True)(
         actor, ds, critic, jnp.float32(0.3), jnp.bool_(bc), key, args)
@@ -159,7 +160,7 @@ def test_bc_phase_replaces_q_by_the_data_log_likelihood():
 def tiny_args(**kw):
     base = dict(num_seeds=2, num_updates=1000, log_every=50, eval_every=50, hidden_dim=32, batch_size=64,
                 num_samples=4, eval_episodes=1, actor_lr=1e-3, critic_lr=1e-3)
-    return cql.Args(**{**base, **kw})
+    return cql.resolve_args(cql.Args(**{**base, **kw}), "locomotion")
 
 
 @pytest.fixture(scope="module")
@@ -215,20 +216,24 @@ def test_seed_i_does_not_depend_on_the_other_seeds(programs):
 
 # --------------------------------------------------------------------------- presets, shape, script
 def test_presets_follow_the_sources():
-    loco = cql.resolve_args(cql.Args(env="hopper-medium-v2"))
+    loco = cql.resolve_args(cql.Args(), "locomotion")
     assert (loco.num_layers, loco.actor_lr, loco.critic_lr, loco.min_q_weight, loco.num_samples) == (2, 3e-4, 3e-4, 5.0, 10)
-    assert loco.lagrange_gap < 0 and not loco.max_target_backup and loco.bc_steps == 0 and loco.importance_sample
-    ant = cql.resolve_args(cql.Args(env="antmaze-medium-diverse-v2"))
-    assert (ant.num_layers, ant.actor_lr, ant.lagrange_gap, ant.clip_diff_min, ant.bc_steps) == (3, 1e-4, 0.2, -200.0, 40_000)
+    assert not loco.lagrange and not loco.max_target_backup and loco.bc_steps == 0 and loco.importance_sample
+    ant = cql.resolve_args(cql.Args(), "antmaze")
+    assert (ant.num_layers, ant.actor_lr, ant.lagrange, ant.lagrange_gap, ant.clip_diff_min, ant.bc_steps) == (
+        3, 1e-4, True, 0.2, -200.0, 40_000)
     assert ant.max_target_backup and ant.eval_episodes == 100
     assert ant.reward_scale * 1.0 + ant.reward_bias == pytest.approx(5.0)  # 10 r - 5
-    assert cql.resolve_args(cql.Args(env="antmaze-umaze-v0", lagrange_gap=-1.0)).lagrange_gap == -1.0  # CLI wins
+    assert not cql.resolve_args(cql.Args(lagrange=False), "antmaze").lagrange  # the command line wins
+    assert cql.resolve_args(cql.Args(lagrange_gap=5.0), "locomotion").lagrange  # a gap asks for CQL-Lagrange
+    door = cql.resolve_args(cql.Args(), "adroit", rewards=np.array([0.0, 10.0]))
+    assert door.reward_norm and door.reward_scale * 10.0 + door.reward_bias == pytest.approx(1.0)
 
 
 def test_shared_sections_are_misa_verbatim():
     """The diff of cql.py and misa.py is the method: plumbing and main are the same text. (The networks
     differ: MISA's follow the official MISA code's initialisation and trainable log-std scalars.)"""
-    shared = ["gaussian_log_prob", "tanh_log_det", "apply_grads", "polyak", "sample", "act", "main", "domain_of"]
+    shared = ["gaussian_log_prob", "tanh_log_det", "apply_grads", "polyak", "sample", "act", "main"]
     for name in shared:
         assert inspect.getsource(getattr(cql, name)) == inspect.getsource(getattr(misa, name)), name
 
@@ -245,7 +250,7 @@ def test_end_to_end_two_seeds(tiny_hopper, tmp_path):
     assert results["seeds"] == [0, 1] and results["updates"] == 40 and len(results["final_per_seed"]) == 2
     assert np.isfinite(results["final_per_seed"]).all()
     config = json.loads((tmp_path / "run" / "config.json").read_text())["args"]
-    assert config["min_q_weight"] == 5.0 and config["lagrange_gap"] == -1.0 and config["bc_steps"] == 0
+    assert config["min_q_weight"] == 5.0 and not config["lagrange"] and config["bc_steps"] == 0
     header = (tmp_path / "run" / "train.csv").read_text().splitlines()[0]
     assert "cql_regulariser" in header and "q_random" in header
     assert np.load(tmp_path / "run" / "returns.npz")["returns"].shape == (2, 2, 1)

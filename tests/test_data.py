@@ -169,6 +169,29 @@ def test_local_file_metadata_gives_env_and_scores(tiny_hopper, tmp_path):
     assert spec.eval_env_id is None and "metadata/env_id" in spec.eval_unsupported
 
 
+def test_the_domain_comes_from_the_name_id_or_evaluation_env(tiny_hopper, tmp_path):
+    d = data.domain_of
+    assert d("antmaze-umaze-v0") == d("D4RL/antmaze/umaze-v1") == d("common.envs:antmaze-umaze-v2") == "antmaze"
+    assert d("D4RL/door/human-v2") == d("ours/AdroitHandDoor-v1/human") == d("pen-cloned-v1") == "adroit"
+    assert d("kitchen-mixed-v0") == d("D4RL/kitchen/complete-v2") == d("FrankaKitchen-v1") == "kitchen"
+    assert d("hopper-medium-v2") == d("mujoco/hopper/medium-v0") == d("ours/Hopper-v5/medium") == "locomotion"
+    assert d("AntMaze_UMaze-v4") == "antmaze" and d("Ant-v5") == "locomotion"  # the longer name first
+    assert d("/data/antmaze/penguin.hdf5") == "locomotion"  # a path's folders and word parts are not the task
+    assert d("/data/door-human-v1.hdf5") == "adroit"  # D4RL's file names are
+    # load puts it on the spec; a local file's evaluation env wins over its name
+    _, local = tiny_hopper
+    renamed = tmp_path / "pen-human-v1.hdf5"
+    renamed.write_bytes(local.read_bytes())  # annotated env_id Hopper-v5
+    assert data.load(str(renamed))[1].domain == "locomotion"
+    d4rl_dir, _ = tiny_hopper
+    assert data.load("hopper-medium-v2", dataset_dir=d4rl_dir)[1].domain == "locomotion"
+    door = tmp_path / "door.hdf5"
+    with h5py.File(local) as f:
+        arrays = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals")}
+    write_d4rl_hdf5(door, arrays, {"env_id": "AdroitHandDoor-v1"})
+    assert data.load(str(door))[1].domain == "adroit"
+
+
 def test_minari_local_dataset(tmp_path, monkeypatch):
     import gymnasium as gym
     import minari
@@ -187,7 +210,7 @@ def test_minari_local_dataset(tmp_path, monkeypatch):
     assert t.obs.shape == (100, 3) and t.done.sum() == 0  # time limits are not terminals
     assert np.abs(t.action).max() <= 1.0 and np.abs(t.action).max() > 0.5  # [-2, 2] rescaled to [-1, 1]
     np.testing.assert_array_equal(t.next_obs[:49], t.obs[1:50])
-    assert spec.source == "minari" and spec.minari_id == "test/pendulum/tiny-v0"
+    assert spec.source == "minari" and spec.minari_id == "test/pendulum/tiny-v0" and spec.domain == "locomotion"
     assert (spec.ref_min_score, spec.ref_max_score) == (-1500.0, -150.0)
 
 

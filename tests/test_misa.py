@@ -104,7 +104,7 @@ def test_the_three_files_differ_only_in_the_bound():
 # --------------------------------------------------------------------------- training
 def tiny_args(module, **kw):
     base = dict(num_seeds=1, num_updates=400, log_every=200, eval_every=200, hidden_dim=32, batch_size=64,
-                num_samples=8, hmc_burnin=2, num_layers=2, lagrange_tau=-1.0, reward_scale=1.0, reward_bias=0.0,
+                num_samples=8, hmc_burnin=2, num_layers=2, lagrange=False, lagrange_tau=1.0, reward_norm=False, reward_scale=1.0, reward_bias=0.0,
                 eval_episodes=1, cosine_schedule=False, actor_lr=1e-3, critic_lr=1e-3)
     return module.Args(**{**base, **kw})
 
@@ -158,14 +158,24 @@ def test_seed_i_of_a_multi_seed_run_is_the_single_seed_run():
 
 
 def test_presets_follow_the_paper():
-    ant = misa.resolve_args(misa.Args(env="antmaze-umaze-v2"))
-    assert (ant.num_layers, ant.lagrange_tau, ant.eval_episodes) == (3, 10.0, 100)
+    ant = misa.resolve_args(misa.Args(), "antmaze")
+    assert (ant.num_layers, ant.lagrange, ant.lagrange_tau, ant.eval_episodes) == (3, True, 10.0, 100)
     assert ant.reward_scale * 1.0 + ant.reward_bias == pytest.approx((1.0 - 0.5) * 4)
-    assert misa.resolve_args(misa.Args(env="hopper-medium-v2")).lagrange_tau < 0  # off for locomotion
-    door = misa.resolve_args(misa.Args(env="door-human-v1"), rewards=np.array([-1.0, 3.0]))
-    assert door.lagrange_tau == 3.0
+    loco = misa.resolve_args(misa.Args(), "locomotion")
+    assert not loco.lagrange and not loco.reward_norm and (loco.reward_scale, loco.reward_bias) == (1.0, 0.0)
+    door = misa.resolve_args(misa.Args(), "adroit", rewards=np.array([-1.0, 3.0]))
+    assert door.lagrange and door.lagrange_tau == 3.0 and door.reward_norm
     assert door.reward_scale * 3.0 + door.reward_bias == pytest.approx(1.0)
     assert door.reward_scale * -1.0 + door.reward_bias == pytest.approx(-1.0)
+    # the command line wins, and says what it means: a budget turns the multiplier on, an explicit
+    # affine reward transform replaces the min-max scaling
+    assert misa.resolve_args(misa.Args(lagrange_tau=5.0), "locomotion").lagrange
+    assert not misa.resolve_args(misa.Args(lagrange=False), "antmaze").lagrange
+    explicit = misa.resolve_args(misa.Args(reward_scale=2.0), "adroit", rewards=np.array([-1.0, 3.0]))
+    assert (explicit.reward_norm, explicit.reward_scale, explicit.reward_bias) == (False, 2.0, 0.0)
+    assert misa.check_args(misa.Args(reward_norm=True, reward_bias=1.0))  # both: refused
+    with pytest.raises(ValueError, match="resolved"):
+        misa.make_train(misa.Args(), 3, 1)
 
 
 @pytest.mark.parametrize("algo", ["misa", "misa_dv", "misa_f"])
@@ -213,11 +223,3 @@ def test_misa_f_bound_is_finite_for_large_critics():
     c = float(jax.nn.logsumexp(big, axis=1).max() - np.log(16) - 30.0)
     assert float(value) == pytest.approx(float(jnp.exp(big - c - 1.0).mean() - (big[:, 0] - c).mean()), rel=1e-5)
 
-
-def test_domain_of_reads_names_ids_and_eval_envs():
-    assert misa.domain_of("antmaze-umaze-v0") == misa.domain_of("D4RL/antmaze/umaze-v1") == "antmaze"
-    assert misa.domain_of("D4RL/door/human-v2") == misa.domain_of("ours/AdroitHandDoor-v1/human") == "adroit"
-    assert misa.domain_of("pen-cloned-v1") == "adroit"
-    assert misa.domain_of("/tmp/x/tiny.hdf5", "common.envs:kitchen-complete-v0") == "kitchen"
-    assert misa.domain_of("/home/openai/hopper.hdf5", "Hopper-v5") == "locomotion"  # 'pen' inside a word is not Adroit
-    assert misa.domain_of("ours/Hopper-v5/medium") == "locomotion"

@@ -117,7 +117,7 @@ def test_critic_loss_parts_and_gradients_equal_the_official(name):
     fx, args, actor, critic, target, batch, noise = setup(name)
     lagrange = "config/lagrange" in fx
     if lagrange:
-        args = misa.Args(**{**OFFICIAL, "lagrange_tau": float(fx["config/target_action_gap"])})
+        args = misa.Args(**{**OFFICIAL, "lagrange": True, "lagrange_tau": float(fx["config/target_action_gap"])})
     log_gamma = jnp.asarray(1.0)  # the official multiplier's start, log 1.0 (= our --lagrange-init default)
     gamma_1 = args.min_q_weight * (jnp.exp(log_gamma) if lagrange else 1.0)
     budget = misa.lagrange_budget(args) if lagrange else 0.0
