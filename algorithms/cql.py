@@ -188,6 +188,7 @@ class Actor(eqx.Module):
     def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(mu, log_std) of the pre-tanh Gaussian."""
         mu, raw = jnp.split(self.net(obs), 2)
+        # -1: JaxCQL's policy_log_std_offset, so a fresh policy starts at sigma ~ e^-1 rather than 1
         return jnp.clip(mu, -9.0, 9.0), jnp.clip(raw - 1.0, -5.0, 2.0)
 
 
@@ -200,7 +201,7 @@ def tanh_log_det(u: jax.Array) -> jax.Array:
     return jnp.sum(2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u)), axis=-1)
 
 
-def log_prob_u(mu: jax.Array, log_std: jax.Array, u: jax.Array) -> jax.Array:
+def tanh_gaussian_log_prob(u: jax.Array, mu: jax.Array, log_std: jax.Array) -> jax.Array:
     """log pi(a|s) at a = tanh(u)."""
     return gaussian_log_prob(u, mu, log_std) - tanh_log_det(u)
 
@@ -208,7 +209,7 @@ def log_prob_u(mu: jax.Array, log_std: jax.Array, u: jax.Array) -> jax.Array:
 def sample_actions(mu: jax.Array, log_std: jax.Array, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     """n reparameterised samples for one state: actions (n, A) and their log pi (n,)."""
     u = mu[None] + jnp.exp(log_std)[None] * jax.random.normal(key, (n,) + mu.shape)
-    return jnp.tanh(u), jax.vmap(log_prob_u, in_axes=(None, None, 0))(mu, log_std, u)
+    return jnp.tanh(u), jax.vmap(tanh_gaussian_log_prob, in_axes=(0, None, None))(u, mu, log_std)
 
 
 class Critic(eqx.Module):
@@ -318,7 +319,7 @@ def critic_loss(critic: Critic, batch: Transitions, actor: Actor, critic_target:
 
 
 def actor_loss(actor: Actor, batch: Transitions, critic: Critic, alpha: jax.Array, bc_phase: jax.Array,
-               key: jax.Array, args: Args) -> tuple[jax.Array, dict]:
+               key: jax.Array, args: Args) -> tuple[jax.Array, tuple[dict, dict]]:
     """SAC's actor loss (minimised), E[alpha log pi(a_new|s) - min_i Q_i(s, a_new)]; while bc_phase, the
     Q term is replaced by the data's log-likelihood log pi(a_data|s) (behaviour cloning, CORL `bc_steps`)."""
     mu, log_std = jax.vmap(actor)(batch.obs)
@@ -326,10 +327,10 @@ def actor_loss(actor: Actor, batch: Transitions, critic: Critic, alpha: jax.Arra
     new_action, log_pi = new_action[:, 0], log_pi[:, 0]
     q_new = jax.vmap(critic)(batch.obs, new_action).min(axis=-1)
     u_data = jnp.arctanh(jnp.clip(batch.action, -0.999, 0.999))
-    log_pi_data = jax.vmap(log_prob_u)(mu, log_std, u_data)
+    log_pi_data = jax.vmap(tanh_gaussian_log_prob)(u_data, mu, log_std)
     loss = alpha * log_pi.mean() - jnp.where(bc_phase, log_pi_data.mean(), q_new.mean())
     metrics = {"actor_loss": loss, "log_pi_data": log_pi_data.mean(), "entropy": -log_pi.mean()}
-    return loss, {**metrics, "log_pi": log_pi}
+    return loss, (metrics, {"log_pi": log_pi})  # (logged, used by the update)
 
 
 # ============================================================================ Update
@@ -370,10 +371,10 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
         log_alpha_prime, alpha_prime_opt = apply_grads(opt.alpha_prime, log_alpha_prime, alpha_prime_opt, g_grad)
 
     # actor (behaviour cloning during the first bc_steps updates), then the entropy temperature
-    (_, a_metrics), grads = eqx.filter_value_and_grad(actor_loss, has_aux=True)(
+    (_, (a_metrics, a_extras)), grads = eqx.filter_value_and_grad(actor_loss, has_aux=True)(
         state.actor, batch, critic, alpha, state.step < args.bc_steps, actor_key, args)
     actor, actor_opt = apply_grads(opt.actor, state.actor, state.actor_opt, grads)
-    log_pi = jax.lax.stop_gradient(a_metrics.pop("log_pi"))
+    log_pi = jax.lax.stop_gradient(a_extras["log_pi"])
     target_entropy = -batch.action.shape[1] if args.target_entropy is None else args.target_entropy
     a_grad = jax.grad(lambda la: -(la * (log_pi + target_entropy)).mean())(state.log_alpha)
     log_alpha, alpha_opt = apply_grads(opt.alpha, state.log_alpha, state.alpha_opt, a_grad)

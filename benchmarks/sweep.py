@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Literal
 
 import tyro
 
+from common.data import D4RL_DATASETS, domain_of
+
 if TYPE_CHECKING:  # imported where used: `run`, `list` and the report do without it
     import submitit
 
@@ -38,11 +40,23 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "sweeps"  # run directories (checkpoints, logs): not committed
 SUMMARIES = ROOT / "results" / "summaries"  # one small JSON per finished run: committed
 HOPPER_SPLITS = [f"ours/Hopper-v5/{s}" for s in ("random", "medium", "medium-replay", "medium-expert", "expert")]
-D4RL_LOCOMOTION = [f"{t}-{s}-v2" for s in ("medium", "medium-replay", "medium-expert")
-                   for t in ("halfcheetah", "hopper", "walker2d")]
-D4RL_ANTMAZE = [f"antmaze-{s}-v0" for s in ("umaze", "umaze-diverse", "medium-play", "medium-diverse",
-                                             "large-play", "large-diverse")]
-D4RL_ADROIT = [f"{t}-{s}-v1" for s in ("human", "cloned") for t in ("pen", "door", "hammer", "relocate")]
+
+
+def d4rl(domain: str, version: str, splits: tuple[str, ...] | None = None,
+         tasks: tuple[str, ...] | None = None) -> list[str]:
+    """The D4RL names of common.data's registry in `domain` with this version, splits and tasks (None: all)."""
+    def keep(name: str) -> bool:
+        task, _, rest = name.partition("-")
+        return (domain_of(name) == domain and rest.endswith("-" + version)
+                and (splits is None or rest.removesuffix("-" + version) in splits) and (tasks is None or task in tasks))
+    return [name for name in D4RL_DATASETS if keep(name)]
+
+
+# the paper's Table 1 datasets
+D4RL_LOCOMOTION = d4rl("locomotion", "v2", ("medium", "medium-replay", "medium-expert"),
+                       ("halfcheetah", "hopper", "walker2d"))
+D4RL_ANTMAZE = d4rl("antmaze", "v0")
+D4RL_ADROIT = d4rl("adroit", "v1", ("human", "cloned"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +72,7 @@ class Sweep:
     log_every: int = 1000
     common_flags: str = ""  # passed to every run (e.g. a smaller network for a CPU budget)
     smoke: bool = False  # a smoke budget: shows the pipeline runs, not performance; the report keeps it out of the main table
+    diagnostic: bool = False  # measures a mechanism (e.g. the sampler), not a benchmark: its own section of the report
 
 
 ALGOS = {"td3_bc": "td3_bc", "cql": "cql", "misa": "misa", "misa_dv": "misa_dv", "misa_f": "misa_f"}
@@ -93,12 +108,17 @@ SWEEPS = {
         ["ours/Hopper-v5/medium", "ours/Hopper-v5/medium-replay"],
         {label: (v + " --num-samples 10" if "num-samples" not in v else v) for label, v in TABLE2.items()},
         **{**CPU_BUDGET, "num_updates": 500}),  # half the grid's budget: 18 MISA runs; its own MISA column
+    "first-run": Sweep(
+        "README's first run: TD3+BC on the embedded dataset with the script's defaults but 2 seeds and 5k "
+        "updates (minutes on a laptop CPU); a short budget, so it is kept out of the main table",
+        ["ours/Hopper-v5/medium"], {"td3_bc": "td3_bc"},
+        num_seeds=2, num_updates=5000, eval_every=1000, log_every=1000, smoke=True),
     "hmc-adaptation": Sweep(
         "MISA's HMC sampler in training, with and without step-size adaptation (issue: the fixed step of "
         "one policy std stalls as Q sharpens); full width, K = 10 for this CPU",
         ["ours/Hopper-v5/medium-replay"],
         {"misa adaptive step": "misa --num-samples 10", "misa fixed step": "misa --num-samples 10 --no-hmc-adapt"},
-        num_seeds=2, num_updates=20_000, eval_every=2000, log_every=500),
+        num_seeds=2, num_updates=20_000, eval_every=2000, log_every=500, diagnostic=True),
     # The results grid: the paper's width, the same number of updates for every algorithm (20k: where
     # TD3+BC's and CQL's curves flatten on this data; see results/README.md), >= 3 seeds. Planned for this
     # 2-core CPU from measured costs (results/speed.md): MISA with K = 10 samples (paper: 50).

@@ -147,7 +147,7 @@ def test_bc_phase_replaces_q_by_the_data_log_likelihood():
     key = jax.random.PRNGKey(0)
     grad_of = lambda critic, bc: eqx.filter_value_and_grad(cql.actor_loss, has_aux=True)(
         actor, ds, critic, jnp.float32(0.3), jnp.bool_(bc), key, args)
-    (bc_a, aux), g_a = grad_of(LinearCritic(jnp.array([1.0, 1.0])), True)
+    (bc_a, (aux, _)), g_a = grad_of(LinearCritic(jnp.array([1.0, 1.0])), True)
     (bc_b, _), g_b = grad_of(LinearCritic(jnp.array([-7.0, 3.0])), True)
     assert float(bc_a) == pytest.approx(float(bc_b)) and float(g_a.mu[0]) == pytest.approx(float(g_b.mu[0]))
     assert float(bc_a) == pytest.approx(0.3 * -float(aux["entropy"]) - float(aux["log_pi_data"]), rel=1e-5)
@@ -233,7 +233,7 @@ def test_presets_follow_the_sources():
 def test_shared_sections_are_misa_verbatim():
     """The diff of cql.py and misa.py is the method: plumbing and main are the same text. (The networks
     differ: MISA's follow the official MISA code's initialisation and trainable log-std scalars.)"""
-    shared = ["gaussian_log_prob", "tanh_log_det", "apply_grads", "polyak", "sample", "act", "main"]
+    shared = ["gaussian_log_prob", "tanh_log_det", "tanh_gaussian_log_prob", "apply_grads", "polyak", "sample", "act", "main"]
     for name in shared:
         assert inspect.getsource(getattr(cql, name)) == inspect.getsource(getattr(misa, name)), name
 

@@ -59,9 +59,10 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
+from common.data import D4RL_DATASETS, domain_of
+
 TASKS = {"pen": "Pen", "door": "Door", "hammer": "Hammer", "relocate": "Relocate"}
-SPLITS = ("human", "cloned", "expert")
-DATASETS: list[str] = [f"{task}-{split}-v1" for task in TASKS for split in SPLITS]
+DATASETS: list[str] = [n for n in D4RL_DATASETS if domain_of(n) == "adroit"]  # the registry's names
 OBS_DIM = {"pen": 45, "door": 39, "hammer": 46, "relocate": 39}
 SUCCESS_STEPS = {"pen": 20, "door": 25, "hammer": 25, "relocate": 25}  # D4RL evaluate_success: count > this
 PEN_DROP_Z = 0.075

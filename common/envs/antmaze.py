@@ -71,6 +71,8 @@ import xml.etree.ElementTree as ET
 
 import gymnasium as gym
 import numpy as np
+
+from common.data import D4RL_DATASETS, domain_of
 from gymnasium import spaces
 
 R, G = "r", "g"
@@ -113,8 +115,7 @@ HARDEST_MAZE_TEST = [
 ]
 MAPS = {"umaze": U_MAZE_TEST, "medium": BIG_MAZE_TEST, "large": HARDEST_MAZE_TEST}
 
-_SPLITS = ["umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse"]
-DATASETS: list[str] = [f"antmaze-{split}-{v}" for v in ("v0", "v2") for split in _SPLITS]
+DATASETS: list[str] = [n for n in D4RL_DATASETS if domain_of(n) == "antmaze"]  # the registry's names
 
 
 def parse_name(name: str) -> tuple[str, bool]:

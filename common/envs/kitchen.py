@@ -55,12 +55,14 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
+from common.data import D4RL_DATASETS, domain_of
+
 TASK_SETS = {
     "complete": ("microwave", "kettle", "light switch", "slide cabinet"),
     "partial": ("microwave", "kettle", "light switch", "slide cabinet"),
     "mixed": ("microwave", "kettle", "bottom burner", "light switch"),
 }
-DATASETS: list[str] = [f"kitchen-{split}-v0" for split in TASK_SETS]
+DATASETS: list[str] = [n for n in D4RL_DATASETS if domain_of(n) == "kitchen"]  # the registry's names
 N_ROBOT, N_OBJECT = 9, 21
 OBS_DIM = 2 * (N_ROBOT + N_OBJECT)  # 60
 NOISE_RATIO = 0.1  # adept_envs KitchenV0.robot_noise_ratio, applied to robot and object positions
