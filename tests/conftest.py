@@ -1,5 +1,9 @@
+import json
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"  # also reaches the scripts the tests launch
@@ -51,3 +55,28 @@ def tiny_hopper(tmp_path_factory):
     write_d4rl_hdf5(local, arrays, {"env_id": "Hopper-v5", "env_kwargs": "{}", "max_episode_steps": 1000,
                                     "ref_min_score": -20.272305, "ref_max_score": 3234.3})
     return root / "d4rl", local
+
+
+# --------------------------------------------------------------------------- end-to-end script runs
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(num_seeds=1, num_updates=20, eval_every=20, log_every=10, eval_episodes=2, hidden_dim=32, batch_size=32)
+TINY_ALGO = {"misa": dict(num_samples=4, hmc_burnin=1), "misa_dv": dict(num_samples=4, hmc_burnin=1),
+             "misa_f": dict(num_samples=4, hmc_burnin=1), "cql": dict(num_samples=4), "td3_bc": {}}
+
+
+@pytest.fixture
+def run_script(tmp_path):
+    """`run_script(algo, env, **flags)`: train `algorithms/<algo>.py` as a user runs it, at a tiny size
+    (TINY, TINY_ALGO; `flags` override them, e.g. num_seeds=2), into tmp_path/run. Asserts that it
+    succeeded; returns (results.json, stdout, run directory)."""
+
+    def run(algo: str, env: str, **flags) -> tuple[dict, str, Path]:
+        run_dir = tmp_path / "run"
+        options = {**TINY, **TINY_ALGO[algo], **flags, "run_dir": run_dir}
+        cmd = [sys.executable, str(ROOT / "algorithms" / f"{algo}.py"), "--env", env]
+        cmd += [x for k, v in options.items() for x in ("--" + k.replace("_", "-"), str(v))]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads((run_dir / "results.json").read_text()), out.stdout, run_dir
+
+    return run

@@ -6,9 +6,6 @@ when it is absent.
 """
 
 import dataclasses
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -21,7 +18,6 @@ from common import data, scores
 from tools import door_human
 from common.envs import adroit
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMOS = door_human.find_demos()
 needs_demos = pytest.mark.skipif(not DEMOS.is_file(), reason=f"{DEMOS} (the hand_dapg door demos) is not here")
 
@@ -297,16 +293,10 @@ def _first_episodes(src: Path, dst: Path, episodes: int) -> None:
     data.write_d4rl_hdf5(dst, arrays, meta)
 
 
-def test_end_to_end_misa_on_a_small_door_human_file(replayed_file, tmp_path):
+def test_end_to_end_misa_on_a_small_door_human_file(replayed_file, tmp_path, run_script):
     path = tmp_path / "door2.hdf5"
     _first_episodes(replayed_file[0], path, 2)
-    cmd = [sys.executable, str(ROOT / "algorithms" / "misa.py"), "--env", str(path), "--num-seeds", "1",
-           "--num-updates", "20", "--eval-every", "20", "--log-every", "10", "--eval-episodes", "2",
-           "--num-samples", "4", "--hmc-burnin", "1", "--hidden-dim", "32", "--batch-size", "32",
-           "--run-dir", str(tmp_path / "run")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results, _, _ = run_script("misa", str(path))
     assert results["seeds"] == [0] and len(results["final_per_seed"]) == 1
     assert np.isfinite(results["final_mean"])
     evals = (tmp_path / "run" / "eval.csv").read_text().splitlines()

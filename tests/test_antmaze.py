@@ -6,9 +6,6 @@ sampler), ant.py (reset noise, observation), goal_reaching_env.py (reward, done)
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,7 +18,6 @@ import pytest
 from common import data
 from common.envs import antmaze
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # Goal cell centres in D4RL's frame, from d4rl/locomotion/maze_env.py: the 'g' cell of U_MAZE_TEST is
 # (row 3, col 1), of BIG_MAZE_TEST (6, 6), of HARDEST_MAZE_TEST (7, 9); the 'r' cell is (1, 1) in all
@@ -267,19 +263,13 @@ def test_antmaze_v0_timeout_fix(tmp_path):
 
 
 # --------------------------------------------------------------------------- 5. end to end
-def test_end_to_end_misa_antmaze_umaze_v2(tmp_path):
+def test_end_to_end_misa_antmaze_umaze_v2(tmp_path, run_script):
     arrays = rollouts("antmaze-umaze-v2", 400, episode_len=100)
     arrays["rewards"][::37] = 1.0  # a few successes, so the critic sees both reward values
     file = tmp_path / data.D4RL_DATASETS["antmaze-umaze-v2"][0].split("/")[-1]
     assert file.name == "Ant_maze_u-maze_noisy_multistart_False_multigoal_False_sparse_fixed.hdf5"
     data.write_d4rl_hdf5(file, arrays)
-    cmd = [sys.executable, str(ROOT / "algorithms" / "misa.py"), "--env", "antmaze-umaze-v2", "--dataset-dir", str(tmp_path),
-           "--num-seeds", "1", "--num-updates", "20", "--eval-every", "20", "--log-every", "10", "--eval-episodes", "2",
-           "--num-samples", "4", "--hmc-burnin", "1", "--hidden-dim", "32", "--batch-size", "32",
-           "--run-dir", str(tmp_path / "run")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results, _, _ = run_script("misa", "antmaze-umaze-v2", dataset_dir=tmp_path)
     assert results["seeds"] == [0] and len(results["final_per_seed"]) == 1
     assert 0.0 <= results["final_per_seed"][0] <= 100.0
     # the evaluation ran in this env with D4RL's 700-step limit (a random policy never reaches the goal)

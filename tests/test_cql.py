@@ -4,9 +4,6 @@ bandit (Q of unseen actions pushed below the data's), seeds, then the script end
 import dataclasses
 import inspect
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -17,8 +14,6 @@ import pytest
 
 from algorithms import cql, misa
 from common import data
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- the regulariser
@@ -238,15 +233,10 @@ def test_shared_sections_are_misa_verbatim():
         assert inspect.getsource(getattr(cql, name)) == inspect.getsource(getattr(misa, name)), name
 
 
-def test_end_to_end_two_seeds(tiny_hopper, tmp_path):
+def test_end_to_end_two_seeds(tiny_hopper, tmp_path, run_script):
     _, local = tiny_hopper
-    cmd = [sys.executable, str(ROOT / "algorithms" / "cql.py"), "--env", str(local), "--num-seeds", "2",
-           "--num-updates", "40", "--eval-every", "20", "--log-every", "20", "--eval-episodes", "1",
-           "--num-samples", "4", "--hidden-dim", "32", "--batch-size", "32", "--run-dir", str(tmp_path / "run")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "mean +- std" in out.stdout
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results, stdout, _ = run_script("cql", str(local), num_seeds=2, num_updates=40, log_every=20, eval_episodes=1)
+    assert "mean +- std" in stdout
     assert results["seeds"] == [0, 1] and results["updates"] == 40 and len(results["final_per_seed"]) == 2
     assert np.isfinite(results["final_per_seed"]).all()
     config = json.loads((tmp_path / "run" / "config.json").read_text())["args"]

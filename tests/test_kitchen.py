@@ -1,9 +1,6 @@
 """D4RL Kitchen evaluation envs (common/envs/kitchen.py): observation, actions, reward, termination,
 and MISA end to end on a tiny file stored under D4RL's kitchen-complete file name."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -15,7 +12,6 @@ import common.envs  # noqa: F401  (registers the D4RL names)
 from common import data
 from common.envs import kitchen
 
-ROOT = Path(__file__).resolve().parents[1]
 GOALS = {  # D4RL kitchen_envs.OBS_ELEMENT_INDICES / OBS_ELEMENT_GOALS, written out
     "bottom burner": ([11, 12], [-0.88, -0.01]),
     "light switch": ([17, 18], [-0.69, -0.05]),
@@ -134,18 +130,12 @@ def _kitchen_file(path: Path, episodes: int = 2, steps: int = 60, seed: int = 0)
     data.write_d4rl_hdf5(path, {k: np.asarray(v) for k, v in cols.items()})
 
 
-def test_end_to_end_misa_on_a_tiny_kitchen_complete_file(tmp_path):
+def test_end_to_end_misa_on_a_tiny_kitchen_complete_file(tmp_path, run_script):
     d4rl_dir = tmp_path / "d4rl"
     _kitchen_file(d4rl_dir / "mini_kitchen_microwave_kettle_light_slider-v0.hdf5")
     transitions, spec = data.load("kitchen-complete-v0", dataset_dir=d4rl_dir, download=False)
     assert spec.obs_dim == 60 and spec.act_dim == 9 and spec.eval_env_id == "common.envs:kitchen-complete-v0"
-    cmd = [sys.executable, str(ROOT / "algorithms" / "misa.py"), "--env", "kitchen-complete-v0", "--dataset-dir", str(d4rl_dir),
-           "--num-seeds", "1", "--num-updates", "20", "--eval-every", "20", "--log-every", "10", "--eval-episodes", "2",
-           "--num-samples", "4", "--hmc-burnin", "1", "--hidden-dim", "32", "--batch-size", "32",
-           "--run-dir", str(tmp_path / "run")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results, _, _ = run_script("misa", "kitchen-complete-v0", dataset_dir=d4rl_dir)
     assert results["seeds"] == [0] and np.isfinite(results["final_mean"])
     rows = [r.split(",") for r in (tmp_path / "run" / "eval.csv").read_text().splitlines()[1:]]
     assert rows and all(0.0 <= float(r[2]) <= 4.0 and int(r[3]) <= 280 for r in rows)

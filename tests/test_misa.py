@@ -1,9 +1,6 @@
 """The mathematics of MISA (bounds, sampler, gradient estimator), then the scripts end to end."""
 
 import difflib
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -179,15 +176,9 @@ def test_presets_follow_the_paper():
 
 
 @pytest.mark.parametrize("algo", ["misa", "misa_dv", "misa_f"])
-def test_end_to_end_two_seeds(algo, tiny_hopper, tmp_path):
+def test_end_to_end_two_seeds(algo, tiny_hopper, tmp_path, run_script):
     _, local = tiny_hopper
-    cmd = [sys.executable, str(ROOT / "algorithms" / f"{algo}.py"), "--env", str(local), "--num-seeds", "2",
-           "--num-updates", "40", "--eval-every", "20", "--log-every", "20", "--eval-episodes", "1",
-           "--num-samples", "4", "--hmc-burnin", "1", "--hidden-dim", "32", "--batch-size", "32",
-           "--run-dir", str(tmp_path / "run")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results, _, _ = run_script(algo, str(local), num_seeds=2, num_updates=40, log_every=20, eval_episodes=1)
     assert results["seeds"] == [0, 1] and len(results["final_per_seed"]) == 2
     header = (tmp_path / "run" / "train.csv").read_text().splitlines()[0]
     assert "hmc_acceptance" in header and "mi_regulariser" in header

@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -12,8 +9,6 @@ import pytest
 from algorithms import td3_bc
 from common import data, runlog
 from common.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class ConstActor(eqx.Module):
@@ -151,16 +146,12 @@ def test_bad_arguments_are_explained():
     runlog.check(args, td3_bc.check_args(args))
 
 
-def test_end_to_end_two_seeds_real_env(tiny_hopper, tmp_path):
+def test_end_to_end_two_seeds_real_env(tiny_hopper, tmp_path, run_script):
     """The script itself, as a user runs it, on a local D4RL-format file, evaluated in Hopper-v5."""
     _, local = tiny_hopper
-    cmd = [sys.executable, str(ROOT / "algorithms" / "td3_bc.py"), "--env", str(local), "--num-seeds", "2",
-           "--num-updates", "400", "--eval-every", "200", "--log-every", "200", "--eval-episodes", "2",
-           "--run-dir", str(tmp_path / "run")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "mean +- std" in out.stdout
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results, stdout, _ = run_script("td3_bc", str(local), num_seeds=2, num_updates=400, eval_every=200, log_every=200,
+                                    hidden_dim=256, batch_size=256)
+    assert "mean +- std" in stdout
     assert results["seeds"] == [0, 1] and results["updates"] == 400 and len(results["final_per_seed"]) == 2
     assert np.isfinite(results["final_per_seed"]).all()
     config = json.loads((tmp_path / "run" / "config.json").read_text())
