@@ -151,10 +151,11 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     write_atomic(Path(path), lambda f: np.savez(f, **arrays), binary=True)
 
 
-def save_checkpoint(run_dir: Path, tree: Any, info: dict) -> None:
-    """The pytree (eqx leaves), then a JSON note of what it is (sac.py's checkpoints)."""
+def save_checkpoint(run_dir: Path, tree: Any, info: dict | None = None) -> None:
+    """The pytree (eqx leaves), then, when given, a JSON note of what it is (sac.py's checkpoints)."""
     write_atomic(Path(run_dir) / "checkpoint.eqx", lambda f: eqx.tree_serialise_leaves(f, tree), binary=True)
-    write_json(Path(run_dir) / "checkpoint.json", info)
+    if info is not None:
+        write_json(Path(run_dir) / "checkpoint.json", info)
 
 
 def load_checkpoint(run_dir: Path, like: Any) -> tuple[Any, dict]:
@@ -470,7 +471,7 @@ class Run:
             write_json(self.dir / "config.json", {**self.config, **provenance()})  # recorded from the old checkpoint on
             self._config_pending = False
         tree = {**tree, "update": jnp.int32(self.update)}  # the checkpoint carries its own update count
-        write_atomic(self.dir / "checkpoint.eqx", lambda f: eqx.tree_serialise_leaves(f, tree), binary=True)
+        save_checkpoint(self.dir, tree)
         self.last_checkpoint = self.update
 
     def _stop(self, what: str) -> None:
