@@ -355,7 +355,7 @@ class Cli:
     label: str | None = None
     """run-one: the variant to run"""
     dataset: str | None = None
-    """run-one: the dataset to run it on"""
+    """run-one: the dataset to run it on; run: only this dataset"""
     executor: Literal["slurm", "local", "debug"] = "slurm"
     """slurm: submitit's executor (local: subprocesses on this machine, all at once; debug: in this process, one by one)"""
     partition: str | None = None
@@ -389,7 +389,11 @@ def main(cli: Cli) -> None:
         if unknown:
             raise SystemExit(f"unknown variant {', '.join(unknown)} in sweep {cli.sweep}; known: "
                              f"{', '.join(SWEEPS[cli.sweep].variants)}")
-        run(cli.sweep, cli.dry_run, only=cli.only)
+        sw = SWEEPS[cli.sweep]
+        if cli.dataset is not None and cli.dataset not in sw.datasets:
+            raise SystemExit(f"dataset {cli.dataset!r} is not in sweep {cli.sweep}; its datasets: {', '.join(sw.datasets)}")
+        sw = dataclasses.replace(sw, datasets=[cli.dataset]) if cli.dataset else sw
+        run(cli.sweep, cli.dry_run, only=cli.only, sw=sw)
     elif cli.action == "slurm":
         slurm_main(cli)
     else:  # run-one: what a wandb agent calls for one grid point
