@@ -45,11 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from tqdm import tqdm
 
 from common import data, evaluation
 from common import runlog
+from common.errors import UserError
 
 
 # ============================================================================ Args
@@ -465,13 +465,13 @@ def train(args: Args) -> Path:
 
     run_dir = Path(args.run_dir) if args.run_dir else runlog.default_run_dir("sac", args.env, args.seed)
     if args.resume:
-        saved = json.loads((run_dir / "config.json").read_text())["args"]
+        saved = runlog.check_resumable(run_dir, "sac", f"env step {args.checkpoint_every}")["args"]
         changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(args).items()
                    if k not in ("resume", "total_steps", "track", "run_dir", "progress") and saved.get(k) != v}
         if changed:
-            raise SystemExit(f"--resume with different settings than the run in {run_dir} (saved, given): {changed}")
+            raise UserError(f"--resume with different settings than the run in {run_dir} (saved, given): {changed}")
     elif (run_dir / "checkpoint.eqx").exists():
-        raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
 
     init_v, train_v, policy_v = make_train(args, obs_dim, act_dim)
     keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s), 3))(jnp.asarray(seeds))
@@ -680,4 +680,4 @@ def main(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    runlog.cli(main, Args)

@@ -277,6 +277,25 @@ def _disk_need(tree: Any) -> int:
 
 
 # --------------------------------------------------------------------------- the run
+def check_resumable(d: Path, algo: str, first_checkpoint: str) -> dict:
+    """The saved config.json of the `algo` run in `d` that --resume can continue, or a UserError that
+    says why it cannot (no run there, a damaged config, another algorithm's run, no checkpoint yet)."""
+    if not (d / "config.json").exists():
+        what = "does not exist" if not d.exists() else "holds no run (no config.json)"
+        raise UserError(f"nothing to resume: {d} {what}. Start without --resume, or point --run-dir at the run.")
+    try:
+        saved = json.loads((d / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{d / 'config.json'} is damaged ({e}); this run cannot be resumed: start a new one") from None
+    found = saved.get("algo") or Path(saved.get("command", ["", ""])[1]).stem  # runs from before `algo` was recorded
+    if found != algo:
+        raise UserError(f"{d} holds a {found} run, not a {algo} one: resume it with algorithms/{found}.py")
+    if not (d / "checkpoint.eqx").exists():
+        raise UserError(f"the run in {d} stopped before its first checkpoint (at {first_checkpoint}): "
+                        "nothing to resume. Start it again without --resume (its logs are replaced).")
+    return saved
+
+
 class Run:
     """One run of `algo` (vmapped seeds) on one dataset: see the module docstring.
 
@@ -306,24 +325,12 @@ class Run:
 
     def _check_resume(self) -> dict:
         d, args = self.dir, self.args
-        if not (d / "config.json").exists():
-            what = "does not exist" if not d.exists() else "holds no run (no config.json)"
-            raise UserError(f"nothing to resume: {d} {what}. Start without --resume, or point --run-dir at the run.")
-        try:
-            saved = json.loads((d / "config.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{d / 'config.json'} is damaged ({e}); this run cannot be resumed: start a new one") from None
-        algo = saved.get("algo") or Path(saved.get("command", ["", ""])[1]).stem  # runs from before `algo` was recorded
-        if algo != self.algo:
-            raise UserError(f"{d} holds a {algo} run, not a {self.algo} one: resume it with algorithms/{algo}.py")
+        saved = check_resumable(d, self.algo, f"update {args.eval_every}")
         if saved.get("data_sha256") not in (None, self.config["data_sha256"]):
             raise UserError(
                 f"the dataset {args.env} is not the one this run was trained on (sha256 {saved['data_sha256'][:12]}... "
                 f"then, {self.config['data_sha256'][:12]}... now): same name, other contents. Resume with the original "
                 "data, or start a new run.")
-        if not (d / "checkpoint.eqx").exists():
-            raise UserError(f"the run in {d} stopped before its first checkpoint (at update {saved['args'].get('eval_every')}): "
-                            "nothing to resume. Start it again without --resume (its logs are replaced).")
         if not (d / "returns.npz").exists():
             raise UserError(f"{d / 'returns.npz'} is missing (the run's evaluation history): it cannot resume "
                             "consistently. Start a new run.")

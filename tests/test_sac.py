@@ -1,7 +1,9 @@
 """Online SAC (algorithms/sac.py): the tanh-Gaussian density, exact resumption, the kept replay buffer.
 InvertedDoublePendulum-v5: a MuJoCo env whose random play ends in true terminations within ~10 steps."""
 
+import json
 import math
+import sys
 
 import equinox as eqx
 import jax
@@ -10,6 +12,8 @@ import numpy as np
 import pytest
 
 from algorithms import sac
+from common import runlog
+from common.errors import UserError
 
 TINY = dict(env="InvertedDoublePendulum-v5", hidden_dim=32, batch_size=32, learning_starts=100, checkpoint_every=100,
             update_every=10, eval_episodes=2, progress=False)
@@ -45,10 +49,30 @@ def test_resume_continues_exactly(tmp_path):
     for x, y in zip(leaves(full), leaves(part)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
-    with pytest.raises(SystemExit, match="different settings"):
+    with pytest.raises(UserError, match="different settings"):
         sac.train(sac.Args(**{**TINY, "hidden_dim": 64}, total_steps=400, run_dir=str(part), resume=True))
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(UserError, match="already holds a run"):
         sac.train(sac.Args(**TINY, total_steps=300, run_dir=str(full)))
+
+
+def test_impossible_resumes_are_one_message(tmp_path, monkeypatch, capsys):
+    """No run, another algorithm's run, a run without a checkpoint: one message, exit 2, nothing written."""
+    def resume(run_dir):
+        monkeypatch.setattr(sys, "argv", ["sac.py", "--env", "Hopper-v5", "--resume", "--run-dir", str(run_dir)])
+        with pytest.raises(SystemExit) as e:
+            runlog.cli(sac.main, sac.Args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err, err
+        return err
+
+    assert "nothing to resume" in resume(tmp_path / "absent") and not (tmp_path / "absent").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"algo": "td3_bc", "args": {}}))
+    assert "holds a td3_bc run, not a sac one" in resume(other)
+    (other / "config.json").write_text(json.dumps({"algo": "sac", "args": {}}))
+    assert "stopped before its first checkpoint (at env step 5000)" in resume(other)
+    assert sorted(p.name for p in other.iterdir()) == ["config.json"]
 
 
 def test_buffer_keeps_every_transition_with_d4rl_semantics(tmp_path):
