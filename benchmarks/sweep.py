@@ -119,6 +119,11 @@ SWEEPS = {
         ["ours/Hopper-v5/medium-replay"],
         {"misa adaptive step": "misa --num-samples 10", "misa fixed step": "misa --num-samples 10 --no-hmc-adapt"},
         num_seeds=2, num_updates=20_000, eval_every=2000, log_every=500, diagnostic=True),
+    "budget-check": Sweep(
+        "TD3+BC for five times the learning budget (100k updates), to see whether its curves have flattened "
+        "by 20k where the learning-budget curves leave doubt (medium-expert still rises at 20k)",
+        ["ours/Hopper-v5/medium-expert", "ours/Hopper-v5/medium-replay", "ours/Hopper-v5/medium"], {"td3_bc": "td3_bc"},
+        num_seeds=3, num_updates=100_000, eval_every=5000, log_every=2500, diagnostic=True),
     # The results grid: the paper's width, the same number of updates for every algorithm (20k: where
     # TD3+BC's and CQL's curves flatten on this data; see results/README.md), >= 3 seeds. Planned for this
     # 2-core CPU from measured costs (results/speed.md): MISA with K = 10 samples (paper: 50).
