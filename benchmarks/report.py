@@ -147,9 +147,10 @@ def grid_statistics(runs: list[dict], labels: list[str], datasets: list[str], re
     return GridStats(datasets, iqm, improvement, {lab: m.shape[0] for lab, m in matrices.items()}, left_out)
 
 
-def statistics_lines(stats: GridStats, algo_of: dict[str, str], metric: str, cfg: Config) -> list[str]:
+def statistics_lines(stats: GridStats, algo_of: dict[str, str], metric: str, cfg: Config,
+                     scope: str = "the grid") -> list[str]:
     n = len(stats.datasets)
-    out = [f"Over the grid ({n} dataset{'s' * (n > 1)} as tasks, the seeds of each as runs): the interquartile "
+    out = [f"Over {scope} ({n} dataset{'s' * (n > 1)} as tasks, the seeds of each as runs): the interquartile "
            f"mean (IQM) of the final scores, and the probability of improvement P(X > Y) (the chance that a run of "
            f"X beats a run of Y on a dataset, averaged over datasets), each with a 95 % stratified-bootstrap "
            f"confidence interval ({cfg.reps} resamples of the seeds within each dataset, percentile method). "
@@ -173,7 +174,8 @@ def statistics_lines(stats: GridStats, algo_of: dict[str, str], metric: str, cfg
         if not any(algo_of.get(x) == a and algo_of.get(y) == b for x, y in stats.improvement):
             lacking = [NAMES.get(c, c) for c in (a, b) if comparison_label(list(stats.iqm), algo_of, c) is None]
             out.append(f"- {NAMES.get(a, a)} over {NAMES.get(b, b)}: not computed, no single variant of "
-                       f"{' nor of '.join(lacking)} with a complete grid in this sweep.")
+                       f"{' nor of '.join(lacking)} with runs on {'all ' * (n > 1)}{'these' if n > 1 else 'this'} "
+                       f"dataset{'s' * (n > 1)}.")
     out.append("")
     return out
 
@@ -316,8 +318,14 @@ def sweep_section(name: str, runs: list[dict], results: Path, cfg: Config) -> li
     if with_paper:
         out += ["", f"Paper columns: {paper_scores.PAPER_SOURCE} (`benchmarks/paper_scores.py`)."]
 
-    out += [""] + statistics_lines(grid_statistics(runs, labels, datasets, cfg.reps, cfg.seed), algo_of,
-                                   runs[0]["metric"], cfg)
+    stats = grid_statistics(runs, labels, datasets, cfg.reps, cfg.seed)
+    out += [""] + statistics_lines(stats, algo_of, runs[0]["metric"], cfg)
+    # while the grid fills, the same statistics where every variant has run, so that all of them enter
+    shared = [d for d in datasets if all((lab, d) in index for lab in labels)]
+    if stats.left_out and shared and len(labels) > 1:
+        scope = "the datasets every variant has run, " + ", ".join(f"`{d}`" for d in shared)
+        out += statistics_lines(grid_statistics(runs, labels, shared, cfg.reps, cfg.seed), algo_of,
+                                runs[0]["metric"], cfg, scope)
     out += ["Wall time per run (minutes, all seeds together, compile and evaluation included):", "",
             "| dataset | " + " | ".join(NAMES.get(lab, lab) for lab in labels) + " |",
             "|" + "---|" * (len(labels) + 1)]

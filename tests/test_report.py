@@ -158,6 +158,17 @@ def test_statistics_leave_out_an_incomplete_variant(tmp_path):
     assert set(stats.iqm) == {"td3_bc", "misa"} and GRID[2] in stats.left_out["cql"]
     assert list(stats.improvement) == [("misa", "td3_bc")]
 
+    # the report adds the statistics over the datasets every variant has run, where all of them enter
+    write_summaries(tmp_path, runs)
+    report.main(report.Config(results=str(tmp_path), reps=50, seed=0))
+    text = (tmp_path / "README.md").read_text()
+    assert "Over the datasets every variant has run, `halfcheetah-medium-v2`, `hopper-medium-v2` (2 datasets" in text
+    shared = report.grid_statistics(runs, list(SCORES), GRID[:2], reps=50, seed=0)
+    assert set(shared.iqm) == set(SCORES) and not shared.left_out
+    p, low, high = shared.improvement[("misa", "cql")]
+    assert f"| MISA over CQL | {p:.2f} | [{low:.2f}, {high:.2f}] |" in text
+    assert "MISA over CQL: not computed, no single variant of CQL with runs on all these datasets." in text
+
 
 def test_smoke_sweeps_stay_out_of_the_main_results(tmp_path, monkeypatch):
     assert sweep.SWEEPS["cpu-hopper"].smoke and sweep.SWEEPS["cpu-hopper-ablations"].smoke
