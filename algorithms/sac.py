@@ -132,7 +132,7 @@ def check_args(args: Args) -> None:
     except ValueError:
         problems.append(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
     if problems:
-        raise SystemExit("invalid arguments:\n  " + "\n  ".join(problems))
+        raise UserError("invalid arguments:\n  " + "\n  ".join(problems))
 
 
 # ============================================================================ Networks
@@ -352,9 +352,9 @@ def make_env(env_id: str, env_kwargs: dict | str = "{}") -> gym.Env:
     try:
         env = gym.make(env_id, disable_env_checker=True, **kwargs)
     except gym.error.Error as e:
-        raise SystemExit(f"cannot make gymnasium env {env_id!r} with {kwargs}: {e}") from e
+        raise UserError(f"cannot make gymnasium env {env_id!r} with {kwargs}: {e}") from None
     if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space, gym.spaces.Box):
-        raise SystemExit(f"{env_id}: SAC here needs Box observation and action spaces, got "
+        raise UserError(f"{env_id}: SAC here needs Box observation and action spaces, got "
                          f"{env.observation_space} and {env.action_space}")
     space = env.action_space
     if not (np.all(space.low == -1.0) and np.all(space.high == 1.0)):
@@ -465,7 +465,7 @@ def train(args: Args) -> Path:
 
     run_dir = Path(args.run_dir) if args.run_dir else runlog.default_run_dir("sac", args.env, args.seed)
     if args.resume:
-        saved = runlog.check_resumable(run_dir, "sac", f"env step {args.checkpoint_every}")["args"]
+        saved = runlog.check_resumable(run_dir, "sac", "checkpoint_every", "env step")["args"]
         changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(args).items()
                    if k not in ("resume", "total_steps", "track", "run_dir", "progress") and saved.get(k) != v}
         if changed:
@@ -487,12 +487,16 @@ def train(args: Args) -> Path:
     history = {"steps": [], "returns": [], "lengths": []}
 
     if args.resume:
-        like = {"state": state, "act_keys": act_keys, "train_keys": train_keys}
-        ckpt, info = runlog.load_checkpoint(run_dir, like)
-        state, act_keys, train_keys, step = ckpt["state"], ckpt["act_keys"], ckpt["train_keys"], int(info["step"])
+        like = {"state": state, "act_keys": act_keys, "train_keys": train_keys, "step": jnp.int32(0)}
+        ckpt, _ = runlog.load_checkpoint(run_dir, like)
+        state, act_keys, train_keys, step = ckpt["state"], ckpt["act_keys"], ckpt["train_keys"], int(ckpt["step"])
         if step > args.total_steps:
-            raise SystemExit(f"{run_dir} is already at step {step} > --total-steps {args.total_steps}")
-        with open(run_dir / info["host_file"], "rb") as f:
+            raise UserError(f"{run_dir} is already at step {step} > --total-steps {args.total_steps}")
+        missing = [f for f in (host_file_of(step), "evals.npz") if not (run_dir / f).exists()]
+        if missing:
+            raise UserError(f"{run_dir} lacks {' and '.join(missing)} of its checkpoint at step {step}: it cannot "
+                            "resume consistently. Start a new run (another --run-dir).")
+        with open(run_dir / host_file_of(step), "rb") as f:
             saved_host = pickle.load(f)
         for env, env_state in zip(envs, saved_host["envs"]):
             set_env_state(env, env_state)
@@ -590,13 +594,14 @@ def train(args: Args) -> Path:
             saved_until = step
             runlog.save_npz(run_dir / "evals.npz", steps=np.asarray(history["steps"]),
                             returns=np.stack(history["returns"]), lengths=np.stack(history["lengths"]))
-            host_file = f"host_{step:09d}.pkl"
+            host_file = host_file_of(step)
             with open(run_dir / (host_file + ".tmp"), "wb") as f:
                 pickle.dump({"envs": [get_env_state(env) for env in envs], "rngs": [r.bit_generator.state for r in rngs],
                              "observations": observations, "host": host}, f)
             (run_dir / (host_file + ".tmp")).replace(run_dir / host_file)
-            runlog.save_checkpoint(run_dir, {"state": state, "act_keys": act_keys, "train_keys": train_keys},
-                                   {"step": step, "seeds": seeds, "host_file": host_file})
+            # the step inside the checkpoint: a crash between it and the JSON note cannot pair agents with another step
+            runlog.save_checkpoint(run_dir, {"state": state, "act_keys": act_keys, "train_keys": train_keys,
+                                             "step": jnp.int32(step)}, {"step": step, "seeds": seeds, "host_file": host_file})
             for old in run_dir.glob("host_*.pkl"):
                 if old.name != host_file:
                     old.unlink()
@@ -616,6 +621,11 @@ def load_args(run_dir: str | Path) -> Args:
     """The Args a run was started with."""
     saved = json.loads((Path(run_dir) / "config.json").read_text())["args"]
     return Args(**{f.name: saved[f.name] for f in dataclasses.fields(Args) if f.name in saved})
+
+
+def host_file_of(step: int) -> str:
+    """The pickle of the host state (envs, random generators, episode bookkeeping) at a checkpoint."""
+    return f"host_{step:09d}.pkl"
 
 
 def checkpoint_step(run_dir: str | Path) -> int:

@@ -152,7 +152,8 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def save_checkpoint(run_dir: Path, tree: Any, info: dict | None = None) -> None:
-    """The pytree (eqx leaves), then, when given, a JSON note of what it is (sac.py's checkpoints)."""
+    """The pytree (eqx leaves), then, when given, a JSON note of what it is (sac.py's checkpoints, for
+    readers of the run: a resume reads everything it needs from the pytree, the one atomic file)."""
     write_atomic(Path(run_dir) / "checkpoint.eqx", lambda f: eqx.tree_serialise_leaves(f, tree), binary=True)
     if info is not None:
         write_json(Path(run_dir) / "checkpoint.json", info)
@@ -277,9 +278,10 @@ def _disk_need(tree: Any) -> int:
 
 
 # --------------------------------------------------------------------------- the run
-def check_resumable(d: Path, algo: str, first_checkpoint: str) -> dict:
+def check_resumable(d: Path, algo: str, every: str, unit: str) -> dict:
     """The saved config.json of the `algo` run in `d` that --resume can continue, or a UserError that
-    says why it cannot (no run there, a damaged config, another algorithm's run, no checkpoint yet)."""
+    says why it cannot (no run there, a damaged config, another algorithm's run, no checkpoint yet).
+    `every`: the saved setting that spaces the checkpoints, in `unit`s (for the message)."""
     if not (d / "config.json").exists():
         what = "does not exist" if not d.exists() else "holds no run (no config.json)"
         raise UserError(f"nothing to resume: {d} {what}. Start without --resume, or point --run-dir at the run.")
@@ -287,11 +289,15 @@ def check_resumable(d: Path, algo: str, first_checkpoint: str) -> dict:
         saved = json.loads((d / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{d / 'config.json'} is damaged ({e}); this run cannot be resumed: start a new one") from None
-    found = saved.get("algo") or Path(saved.get("command", ["", ""])[1]).stem  # runs from before `algo` was recorded
+    if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
+        raise UserError(f"{d / 'config.json'} is damaged (it holds no run settings); this run cannot be resumed: "
+                        "start a new one")
+    command = saved.get("command") or []
+    found = saved.get("algo") or (Path(command[1]).stem if len(command) > 1 else "?")  # runs from before `algo`
     if found != algo:
         raise UserError(f"{d} holds a {found} run, not a {algo} one: resume it with algorithms/{found}.py")
     if not (d / "checkpoint.eqx").exists():
-        raise UserError(f"the run in {d} stopped before its first checkpoint (at {first_checkpoint}): "
+        raise UserError(f"the run in {d} stopped before its first checkpoint (at {unit} {saved['args'].get(every)}): "
                         "nothing to resume. Start it again without --resume (its logs are replaced).")
     return saved
 
@@ -325,7 +331,7 @@ class Run:
 
     def _check_resume(self) -> dict:
         d, args = self.dir, self.args
-        saved = check_resumable(d, self.algo, f"update {args.eval_every}")
+        saved = check_resumable(d, self.algo, "eval_every", "update")
         if saved.get("data_sha256") not in (None, self.config["data_sha256"]):
             raise UserError(
                 f"the dataset {args.env} is not the one this run was trained on (sha256 {saved['data_sha256'][:12]}... "

@@ -53,6 +53,9 @@ def test_resume_continues_exactly(tmp_path):
         sac.train(sac.Args(**{**TINY, "hidden_dim": 64}, total_steps=400, run_dir=str(part), resume=True))
     with pytest.raises(UserError, match="already holds a run"):
         sac.train(sac.Args(**TINY, total_steps=300, run_dir=str(full)))
+    (full / sac.host_file_of(300)).unlink()
+    with pytest.raises(UserError, match="lacks host_000000300.pkl"):
+        sac.train(sac.Args(**TINY, total_steps=400, run_dir=str(full), resume=True))
 
 
 def test_impossible_resumes_are_one_message(tmp_path, monkeypatch, capsys):
@@ -70,8 +73,10 @@ def test_impossible_resumes_are_one_message(tmp_path, monkeypatch, capsys):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"algo": "td3_bc", "args": {}}))
     assert "holds a td3_bc run, not a sac one" in resume(other)
-    (other / "config.json").write_text(json.dumps({"algo": "sac", "args": {}}))
+    (other / "config.json").write_text(json.dumps({"algo": "sac", "args": {"checkpoint_every": 5000}}))
     assert "stopped before its first checkpoint (at env step 5000)" in resume(other)
+    (other / "config.json").write_text(json.dumps({"algo": "sac"}))
+    assert "is damaged (it holds no run settings)" in resume(other)
     assert sorted(p.name for p in other.iterdir()) == ["config.json"]
 
 

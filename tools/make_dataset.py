@@ -48,13 +48,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tyro
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from algorithms import sac
-from common import data, evaluation
+from common import data, evaluation, runlog
 
 SPLITS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 NAMESPACE = "ours"
@@ -144,7 +143,7 @@ def sac_args(args: Args, sac_dir: Path) -> sac.Args:
     return sac.Args(env=args.env, env_kwargs=args.env_kwargs, num_seeds=1, seed=args.seed,
                     total_steps=args.sac_steps, learning_starts=args.sac_learning_starts,
                     checkpoint_every=args.checkpoint_every, eval_episodes=args.eval_episodes,
-                    run_dir=str(sac_dir), resume=sac.checkpoint_step(sac_dir) > 0, progress=args.progress,
+                    run_dir=str(sac_dir), resume=(sac_dir / "checkpoint.eqx").exists(), progress=args.progress,
                     batch_size=args.sac_batch_size, hidden_dim=args.sac_hidden_dim, update_every=args.sac_update_every)
 
 
@@ -465,4 +464,4 @@ def main(args: Args) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    runlog.cli(main, Args)
