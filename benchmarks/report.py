@@ -9,7 +9,9 @@ and `results/speed.json` (written by `benchmarks/speed.py`); nothing else. Every
 README it writes comes from those files. Over a sweep's grid (tasks = datasets, runs = seeds) it
 reports, with the `rliable` library, the interquartile mean of each variant's final scores and the
 probability that MISA improves on CQL and on TD3+BC, each with a 95 % stratified-bootstrap confidence
-interval. Sweeps declared `smoke=True` in `benchmarks/sweep.py` go to a separate, labelled section.
+interval; while some variant's grid is incomplete, the same statistics also over the datasets every
+variant has run. Sweeps declared `smoke=True` or `diagnostic=True` in `benchmarks/sweep.py` go to
+separate, labelled sections.
 """
 
 from __future__ import annotations
@@ -172,12 +174,22 @@ def statistics_lines(stats: GridStats, algo_of: dict[str, str], metric: str, cfg
         out.append("")
     for a, b in COMPARISONS:
         if not any(algo_of.get(x) == a and algo_of.get(y) == b for x, y in stats.improvement):
-            lacking = [NAMES.get(c, c) for c in (a, b) if comparison_label(list(stats.iqm), algo_of, c) is None]
-            out.append(f"- {NAMES.get(a, a)} over {NAMES.get(b, b)}: not computed, no single variant of "
-                       f"{' nor of '.join(lacking)} with runs on {'all ' * (n > 1)}{'these' if n > 1 else 'this'} "
-                       f"dataset{'s' * (n > 1)}.")
+            out.append(f"- {NAMES.get(a, a)} over {NAMES.get(b, b)}: not computed: "
+                       + "; ".join(why_no_comparison(stats, algo_of, c) for c in (a, b)
+                                   if comparison_label(list(stats.iqm), algo_of, c) is None) + ".")
     out.append("")
     return out
+
+
+def why_no_comparison(stats: GridStats, algo_of: dict[str, str], algo: str) -> str:
+    """Why no variant stands for `algo` in a comparison (see comparison_label)."""
+    name = NAMES.get(algo, algo)
+    variants = [lab for lab, a in algo_of.items() if a == algo]
+    if not variants:
+        return f"no {name} in this sweep"
+    if any(lab in stats.iqm for lab in variants):
+        return f"several variants of {name}, none labelled `{algo}`"
+    return "; ".join(f"{NAMES.get(lab, lab)} {stats.left_out.get(lab, 'has no runs here')}" for lab in variants)
 
 
 def _version(package: str) -> str:
@@ -259,8 +271,8 @@ def sweep_section(name: str, runs: list[dict], results: Path, cfg: Config) -> li
     sw = sweeps.SWEEPS.get(name)
     labels = list(sw.variants) if sw else sorted({r["label"] for r in runs})
     datasets = list(sw.datasets) if sw else sorted({r["dataset"] for r in runs})
-    labels = [lab for lab in labels if any(r["label"] == lab for r in runs)]
     datasets = [d for d in datasets if any(r["dataset"] == d for r in runs)]
+    labels = [lab for lab in labels if any(r["label"] == lab and r["dataset"] in datasets for r in runs)]
     index = {(r["label"], r["dataset"]): r for r in runs}
     algo_of = {r["label"]: r["algo"] for r in runs}
     with_paper = [lab for lab in labels if lab == algo_of[lab] and any(
@@ -322,8 +334,8 @@ def sweep_section(name: str, runs: list[dict], results: Path, cfg: Config) -> li
     out += [""] + statistics_lines(stats, algo_of, runs[0]["metric"], cfg)
     # while the grid fills, the same statistics where every variant has run, so that all of them enter
     shared = [d for d in datasets if all((lab, d) in index for lab in labels)]
-    if stats.left_out and shared and len(labels) > 1:
-        scope = "the datasets every variant has run, " + ", ".join(f"`{d}`" for d in shared)
+    if 0 < len(shared) < len(datasets):
+        scope = f"the dataset{'s' * (len(shared) > 1)} every variant has run, " + ", ".join(f"`{d}`" for d in shared)
         out += statistics_lines(grid_statistics(runs, labels, shared, cfg.reps, cfg.seed), algo_of,
                                 runs[0]["metric"], cfg, scope)
     out += ["Wall time per run (minutes, all seeds together, compile and evaluation included):", "",
@@ -404,7 +416,7 @@ def main(cfg: Config) -> None:
     if diagnostic_sweeps:
         lines += ["## Diagnostics (not benchmark results)", "",
                   "Sweeps declared `diagnostic=True` in `benchmarks/sweep.py`: they measure a mechanism in "
-                  "training (its logged diagnostics are the point), with fewer seeds than the main table.", ""]
+                  "training or a choice of the benchmark (e.g. the budget), not a benchmark result.", ""]
         for name in diagnostic_sweeps:
             lines += sweep_section(name, by_sweep[name], results, cfg)
     if smoke_sweeps:

@@ -125,7 +125,8 @@ SWEEPS = {
         ["ours/Hopper-v5/medium-expert", "ours/Hopper-v5/medium-replay", "ours/Hopper-v5/medium"], {"td3_bc": "td3_bc"},
         num_seeds=3, num_updates=100_000, eval_every=5000, log_every=2500, diagnostic=True),
     # The results grid: the paper's width, the same number of updates for every algorithm (20k: where
-    # TD3+BC's and CQL's curves flatten on this data; see results/README.md), >= 3 seeds. Planned for this
+    # TD3+BC's curves flatten on medium and medium-replay; medium-expert still rises there, which
+    # budget-check measures; see results/README.md), >= 3 seeds. Planned for this
     # 2-core CPU from measured costs (results/speed.md): MISA with K = 10 samples (paper: 50).
     "learning-budget": Sweep(
         "every algorithm at the paper's width and a learning budget on this project's datasets (not D4RL); "
@@ -387,6 +388,8 @@ def main(cli: Cli) -> None:
         return
     if cli.sweep not in SWEEPS:
         raise SystemExit(f"unknown sweep {cli.sweep!r}; known: {', '.join(SWEEPS)}")
+    if cli.dataset is not None and cli.action in ("wandb", "slurm"):
+        raise SystemExit(f"--dataset is for `run` and `run-one`; `{cli.action}` covers the whole sweep {cli.sweep}")
     if cli.action == "wandb":
         print(f"wrote {wandb_sweep(cli.sweep).relative_to(ROOT)}")
     elif cli.action == "run":

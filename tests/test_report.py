@@ -35,6 +35,16 @@ def test_sweep_runs_every_pair_once_and_summarises(tiny_sweep, capsys):
     assert capsys.readouterr().out.count(": done (") == 1
 
 
+def test_run_dataset_restricts_the_sweep(capsys):
+    sweep.main(sweep.Cli("run", "learning-budget", dry_run=True, only=["misa"], dataset="ours/Hopper-v5/medium"))
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("[1/1] misa on ours/Hopper-v5/medium: ")  # a command, or done
+    for cli, message in [(sweep.Cli("run", "learning-budget", dataset="ours/Hopper-v5/expert"), "is not in sweep"),
+                         (sweep.Cli("slurm", "learning-budget", dataset="ours/Hopper-v5/medium"), "covers the whole")]:
+        with pytest.raises(SystemExit, match=message):
+            sweep.main(cli)
+
+
 def test_wandb_sweep_file_covers_the_grid(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "ROOT", tmp_path)
     cfg = yaml.safe_load(sweep.wandb_sweep("cpu-hopper-ablations").read_text())
@@ -167,7 +177,7 @@ def test_statistics_leave_out_an_incomplete_variant(tmp_path):
     assert set(shared.iqm) == set(SCORES) and not shared.left_out
     p, low, high = shared.improvement[("misa", "cql")]
     assert f"| MISA over CQL | {p:.2f} | [{low:.2f}, {high:.2f}] |" in text
-    assert "MISA over CQL: not computed, no single variant of CQL with runs on all these datasets." in text
+    assert "MISA over CQL: not computed: CQL not run on `walker2d-medium-v2`." in text
 
 
 def test_smoke_sweeps_stay_out_of_the_main_results(tmp_path, monkeypatch):
