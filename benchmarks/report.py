@@ -186,7 +186,7 @@ def why_no_comparison(stats: GridStats, algo_of: dict[str, str], algo: str) -> s
     name = NAMES.get(algo, algo)
     variants = [lab for lab, a in algo_of.items() if a == algo]
     if not variants:
-        return f"no {name} in this sweep"
+        return f"no {name} runs in this sweep"
     if any(lab in stats.iqm for lab in variants):
         return f"several variants of {name}, none labelled `{algo}`"
     return "; ".join(f"{NAMES.get(lab, lab)} {stats.left_out.get(lab, 'has no runs here')}" for lab in variants)
