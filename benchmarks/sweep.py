@@ -124,9 +124,10 @@ SWEEPS = {
         "by 20k where the learning-budget curves leave doubt (medium-expert still rises at 20k)",
         ["ours/Hopper-v5/medium-expert", "ours/Hopper-v5/medium-replay", "ours/Hopper-v5/medium"], {"td3_bc": "td3_bc"},
         num_seeds=3, num_updates=100_000, eval_every=5000, log_every=2500, diagnostic=True),
-    # The results grid: the paper's width, the same number of updates for every algorithm (20k: where
-    # TD3+BC's curves flatten on medium and medium-replay; medium-expert still rises there, which
-    # budget-check measures; see results/README.md), >= 3 seeds. Planned for this
+    # The results grid: the paper's width, the same number of updates for every algorithm, >= 3 seeds.
+    # 20k is NOT a plateau: budget-check measured TD3+BC still rising after it (medium-replay 9.7 at 20k,
+    # 24.1 at 100k; medium-expert 62.0 -> 84.3), so a plateau budget is >= 100k updates, ~8 h per CQL or
+    # MISA cell on 2 CPU cores: a GPU budget. Planned for this
     # 2-core CPU from measured costs (results/speed.md): MISA with K = 10 samples (paper: 50).
     "learning-budget": Sweep(
         "every algorithm at the paper's width and a learning budget on this project's datasets (not D4RL); "
