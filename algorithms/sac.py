@@ -601,7 +601,7 @@ def train(args: Args) -> Path:
             (run_dir / (host_file + ".tmp")).replace(run_dir / host_file)
             # the step inside the checkpoint: a crash between it and the JSON note cannot pair agents with another step
             runlog.save_checkpoint(run_dir, {"state": state, "act_keys": act_keys, "train_keys": train_keys,
-                                             "step": jnp.int32(step)}, {"step": step, "seeds": seeds, "host_file": host_file})
+                                             "step": jnp.int32(step)}, {"step": step, "seeds": seeds})
             for old in run_dir.glob("host_*.pkl"):
                 if old.name != host_file:
                     old.unlink()

@@ -389,25 +389,22 @@ def main(cli: Cli) -> None:
         return
     if cli.sweep not in SWEEPS:
         raise SystemExit(f"unknown sweep {cli.sweep!r}; known: {', '.join(SWEEPS)}")
+    sw = SWEEPS[cli.sweep]
     if cli.dataset is not None and cli.action in ("wandb", "slurm"):
         raise SystemExit(f"--dataset is for `run` and `run-one`; `{cli.action}` covers the whole sweep {cli.sweep}")
+    if cli.dataset is not None and cli.dataset not in sw.datasets:
+        raise SystemExit(f"dataset {cli.dataset!r} is not in sweep {cli.sweep}; its datasets: {', '.join(sw.datasets)}")
     if cli.action == "wandb":
         print(f"wrote {wandb_sweep(cli.sweep).relative_to(ROOT)}")
     elif cli.action == "run":
-        unknown = [label for label in cli.only or [] if label not in SWEEPS[cli.sweep].variants]
+        unknown = [label for label in cli.only or [] if label not in sw.variants]
         if unknown:
-            raise SystemExit(f"unknown variant {', '.join(unknown)} in sweep {cli.sweep}; known: "
-                             f"{', '.join(SWEEPS[cli.sweep].variants)}")
-        sw = SWEEPS[cli.sweep]
-        if cli.dataset is not None and cli.dataset not in sw.datasets:
-            raise SystemExit(f"dataset {cli.dataset!r} is not in sweep {cli.sweep}; its datasets: {', '.join(sw.datasets)}")
-        sw = dataclasses.replace(sw, datasets=[cli.dataset]) if cli.dataset else sw
-        run(cli.sweep, cli.dry_run, only=cli.only, sw=sw)
+            raise SystemExit(f"unknown variant {', '.join(unknown)} in sweep {cli.sweep}; known: {', '.join(sw.variants)}")
+        run(cli.sweep, cli.dry_run, only=cli.only, sw=dataclasses.replace(sw, datasets=[cli.dataset]) if cli.dataset else sw)
     elif cli.action == "slurm":
         slurm_main(cli)
     else:  # run-one: what a wandb agent calls for one grid point
-        sw = SWEEPS[cli.sweep]
-        if cli.label not in sw.variants or cli.dataset not in sw.datasets:
+        if cli.label not in sw.variants or cli.dataset is None:
             raise SystemExit(f"run-one needs --label in {list(sw.variants)} and --dataset in {sw.datasets}")
         os.environ.setdefault("WANDB_MODE", "online")
         sw = dataclasses.replace(sw, datasets=[cli.dataset], common_flags=sw.common_flags + " --track")
