@@ -37,7 +37,9 @@ if TYPE_CHECKING:  # imported where used: `run`, `list` and the report do withou
     import submitit
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT / "runs" / "sweeps"  # run directories (checkpoints, logs): not committed
+# run directories (checkpoints, logs; not committed): runs/sweeps here, or under --runs-root / $MISA_RUNS_ROOT,
+# a folder outside the checkout for runs that outlive it (e.g. ~/misa-runs)
+RUNS = Path(os.environ.get("MISA_RUNS_ROOT") or ROOT / "runs").expanduser() / "sweeps"
 SUMMARIES = ROOT / "results" / "summaries"  # one small JSON per finished run: committed
 HOPPER_SPLITS = [f"ours/Hopper-v5/{s}" for s in ("random", "medium", "medium-replay", "medium-expert", "expert")]
 
@@ -95,6 +97,7 @@ TABLE2 = {
 CPU_BUDGET = dict(num_seeds=5, num_updates=1000, eval_every=250, log_every=250,
                   common_flags="--hidden-dim 64 --eval-episodes 10", smoke=True)
 LEARNING_BUDGET = dict(num_seeds=3, num_updates=20_000, eval_every=1000, log_every=500)
+LONG_BUDGET = dict(num_seeds=3, num_updates=50_000, eval_every=2500, log_every=500)
 SWEEPS = {
     "cpu-hopper": Sweep(
         "every algorithm on the five splits of ours/Hopper-v5 (this project's datasets, not D4RL), CPU budget",
@@ -144,6 +147,16 @@ SWEEPS = {
         {**{label: (v + " --num-samples 10" if "num-samples" not in v else v) for label, v in TABLE2.items()},
          "misa official correction": "misa --num-samples 10 --correction dataset"},
         **LEARNING_BUDGET),
+    # Does MISA learn? At 20k updates every MISA seed sat at 10.2-10.3 while TD3+BC kept rising (24 at
+    # 100k): 50k updates, MISA (K = 10, its sampler), its official objective (no sampler), CQL and TD3+BC.
+    # ~4 h per CQL / MISA cell on 2 CPU cores: run it with --runs-root outside the checkout.
+    "long-budget": Sweep(
+        "does MISA learn? MISA, its official objective, CQL and TD3+BC at 50k updates on ours/Hopper-v5/medium-replay "
+        "(256x256, 3 seeds; MISA with K = 10, paper: 50)",
+        ["ours/Hopper-v5/medium-replay"],
+        {"misa official objective": "misa --num-samples 10 --correction dataset", "cql": "cql", "td3_bc": "td3_bc",
+         "misa": "misa --num-samples 10"},
+        **LONG_BUDGET),
     "paper": Sweep(
         "the paper's Table 1 grid at the paper's budget (1M updates, default networks): needs GPUs and the D4RL files",
         D4RL_LOCOMOTION + D4RL_ANTMAZE + D4RL_ADROIT,
@@ -157,7 +170,7 @@ SWEEPS = {
 
 # training metrics kept in each summary, where the algorithm logs them (learning dynamics, sampler health)
 DIAGNOSTICS = ["q_data", "q_policy", "mi_regulariser", "cql_regulariser", "td_loss", "hmc_acceptance", "hmc_step",
-               "gamma_1", "alpha", "entropy", "updates_per_s"]
+               "gamma_1", "alpha", "entropy", "actor_loss", "actor_bc", "actor_q", "actor_correction", "updates_per_s"]
 
 
 def slug(text: str) -> str:
@@ -172,11 +185,16 @@ def summary_path(sweep: str, label: str, dataset: str) -> Path:
     return SUMMARIES / sweep / f"{slug(label)}__{slug(dataset)}.json"
 
 
+def shown(path: Path) -> str:
+    """A run directory as the command line names it: relative to the checkout when inside it."""
+    return os.path.relpath(path, ROOT) if path.resolve().is_relative_to(ROOT) else str(path)
+
+
 def command(sw: Sweep, sweep: str, label: str, dataset: str) -> list[str]:
     algo, *flags = shlex.split(sw.variants[label])
     return ["python", f"algorithms/{algo}.py", "--env", dataset, "--num-seeds", str(sw.num_seeds),
             "--num-updates", str(sw.num_updates), "--eval-every", str(sw.eval_every),
-            "--log-every", str(sw.log_every), "--run-dir", os.path.relpath(run_dir(sweep, label, dataset), ROOT),
+            "--log-every", str(sw.log_every), "--run-dir", shown(run_dir(sweep, label, dataset)),
             *shlex.split(sw.common_flags), *flags]
 
 
@@ -204,10 +222,13 @@ def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: floa
     results = json.loads((rd / "results.json").read_text())
     config = json.loads((rd / "config.json").read_text())
     curve: dict[int, dict[int, float]] = {}
+    lengths: dict[int, dict[int, float]] = {}  # mean episode length per evaluation and seed
     with open(rd / "eval.csv") as f:
         for row in csv.DictReader(f):
             value = float(row["score"]) if row.get("score") not in (None, "") else float(row["return"])
             curve.setdefault(int(row["update"]), {})[int(row["seed"])] = value
+            if row.get("episode_length") not in (None, ""):
+                lengths.setdefault(int(row["update"]), {})[int(row["seed"])] = float(row["episode_length"])
     diagnostics: dict[str, dict[int, dict[int, float]]] = {}  # training metrics, per chunk and seed
     with open(rd / "train.csv") as f:
         for row in csv.DictReader(f):
@@ -220,7 +241,7 @@ def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: floa
         "command": shlex.join(cmd), "args": config["args"], "git_commit": config.get("git_commit"),
         "metric": results["metric"], "seeds": results["seeds"], "episodes_per_seed": results["episodes_per_seed"],
         "final_per_seed": results["final_per_seed"], "final_mean": results["final_mean"], "final_std": results["final_std"],
-        "curve": per_seed(curve), "diagnostics": {name: per_seed(c) for name, c in diagnostics.items()},
+        "curve": per_seed(curve), "episode_length": per_seed(lengths), "diagnostics": {name: per_seed(c) for name, c in diagnostics.items()},
         "wall_time_s": wall_s, "machine": where, "smoke": smoke, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -375,6 +396,9 @@ class Cli:
     """slurm: CPU cores per run"""
     mem_gb: float = 32.0
     """slurm: memory per run, in GB"""
+    runs_root: str | None = None
+    """where run directories go (<root>/sweeps/<sweep>/...; default $MISA_RUNS_ROOT, else runs/ in this checkout):
+    a folder outside the checkout keeps long runs when the checkout is replaced"""
     log_folder: str | None = None
     """slurm: submitit's folder for job scripts, pickles and logs (default runs/slurm/<sweep>)"""
     max_timeouts: int = 3
@@ -382,6 +406,9 @@ class Cli:
 
 
 def main(cli: Cli) -> None:
+    global RUNS
+    if cli.runs_root is not None:
+        RUNS = Path(cli.runs_root).expanduser().resolve() / "sweeps"
     if cli.action == "list":
         for name, sw in SWEEPS.items():
             print(f"{name}: {len(sw.variants)} variants x {len(sw.datasets)} datasets, {sw.num_updates} updates, "
