@@ -25,9 +25,9 @@ Choices (JaxCQL `ConservativeSAC.get_default_config` unless marked):
   entropy term in the TD target (`backup_entropy=False`), next actions from the current policy;
   CQL(H) with K = 10 (`cql_n_actions`), importance sampling on, temperature 1,
   min_q_weight (alpha) 5.0, Lagrange off, max-target backup off, no clipping of the gap.
-- The Lagrange variant (the paper's appendix): alpha = min_q_weight * alpha',
-  log alpha' starts at 1.0 (JaxCQL, CORL) and takes Adam steps (Q lr) on
-  -alpha' min_q_weight (gap - target gap), so alpha' grows while the regulariser is above its target.
+- The Lagrange variant (the paper's appendix): alpha = min_q_weight * lambda, with the Lagrange
+  multiplier lambda = exp(log_lagrange); log_lagrange starts at 1.0 (JaxCQL, CORL) and takes Adam steps
+  (Q lr) on -lambda min_q_weight (gap - target gap), so lambda grows while the regulariser is above its target.
 - AntMaze (young-geng/CQL#2, the recipe of JaxCQL's author; CORL uses the same reward): Lagrange
   with target gap 0.2, max-target backup, gap clipped below at -200, reward 10 r - 5, 3 x 256
   networks, policy lr 1e-4, 40 000 updates of behaviour cloning first (`bc_epochs=40`), 100
@@ -147,9 +147,9 @@ class Args:
     """weight each sampled action by 1 / its proposal density (JaxCQL `cql_importance_sample`, CORL);
     --no-importance-sample: plain log-sum-exp over the 3K sampled actions and the data action"""
     lagrange: bool | None = None
-    """CQL-Lagrange: adapt alpha' so that the regulariser stays near --lagrange-gap (default: domain
-    preset; on for AntMaze, young-geng/CQL#2; off elsewhere, JaxCQL `cql_lagrange=False`; giving
-    --lagrange-gap turns it on)"""
+    """CQL-Lagrange: weight the regulariser by min_q_weight * lambda, with a Lagrange multiplier lambda
+    adapted so that the regulariser stays near --lagrange-gap (default: domain preset; on for AntMaze,
+    young-geng/CQL#2; off elsewhere, JaxCQL `cql_lagrange=False`; giving --lagrange-gap turns it on)"""
     lagrange_gap: float | None = None
     """CQL-Lagrange target action gap (default: domain preset; AntMaze 0.2, JaxCQL `cql_target_action_gap` 1)"""
     clip_diff_min: float | None = None
@@ -206,7 +206,7 @@ def tanh_gaussian_log_prob(u: jax.Array, mu: jax.Array, log_std: jax.Array) -> j
     return gaussian_log_prob(u, mu, log_std) - tanh_log_det(u)
 
 
-def sample_actions(mu: jax.Array, log_std: jax.Array, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+def policy_actions(mu: jax.Array, log_std: jax.Array, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     """n reparameterised samples for one state: actions (n, A) and their log pi (n,)."""
     u = mu[None] + jnp.exp(log_std)[None] * jax.random.normal(key, (n,) + mu.shape)
     return jnp.tanh(u), jax.vmap(tanh_gaussian_log_prob, in_axes=(0, None, None))(u, mu, log_std)
@@ -244,11 +244,11 @@ class AgentState(eqx.Module):
     critic: Critic
     critic_target: Critic
     log_alpha: jax.Array  # SAC entropy temperature
-    log_alpha_prime: jax.Array  # Lagrange multiplier on min_q_weight (used with --lagrange)
+    log_lagrange: jax.Array  # log of the Lagrange multiplier lambda on min_q_weight (used with --lagrange)
     actor_opt: optax.OptState
     critic_opt: optax.OptState
     alpha_opt: optax.OptState
-    alpha_prime_opt: optax.OptState
+    lagrange_opt: optax.OptState
     step: jax.Array  # updates done, for the behaviour-cloning phase
 
 
@@ -256,7 +256,7 @@ class Optimisers(NamedTuple):  # closed over by the update, never stored in the 
     actor: optax.GradientTransformation
     critic: optax.GradientTransformation
     alpha: optax.GradientTransformation
-    alpha_prime: optax.GradientTransformation
+    lagrange: optax.GradientTransformation
 
 
 # ============================================================================ CQL objective
@@ -288,7 +288,7 @@ def critic_loss(critic: Critic, batch: Transitions, actor: Actor, critic_target:
     B, K, A = batch.obs.shape[0], args.num_samples, batch.action.shape[1]
     next_mu, next_log_std = jax.vmap(actor)(batch.next_obs)
     n_next = K if args.max_target_backup else 1  # max-target backup: the best of K next actions
-    next_action, next_log_pi = jax.vmap(lambda m, s, k: sample_actions(m, s, k, n_next))(
+    next_action, next_log_pi = jax.vmap(lambda m, s, k: policy_actions(m, s, k, n_next))(
         next_mu, next_log_std, jax.random.split(next_key, B))
     next_q = jax.vmap(jax.vmap(critic_target, in_axes=(None, 0)))(batch.next_obs, next_action).min(axis=-1)  # (B, n)
     best = jnp.argmax(next_q, axis=1)[:, None]
@@ -302,10 +302,10 @@ def critic_loss(critic: Critic, batch: Transitions, actor: Actor, critic_target:
     # K uniform actions, K of pi(.|s) and K of pi(.|s') per state (constants for the critic), Q at s of each
     rand_actions = jax.random.uniform(rand_key, (B, K, A), minval=-1.0, maxval=1.0)
     mu, log_std = jax.lax.stop_gradient(jax.vmap(actor)(batch.obs))
-    curr_actions, log_pi_curr = jax.vmap(lambda m, s, k: sample_actions(m, s, k, K))(
+    curr_actions, log_pi_curr = jax.vmap(lambda m, s, k: policy_actions(m, s, k, K))(
         mu, log_std, jax.random.split(curr_key, B))
     next_mu, next_log_std = jax.lax.stop_gradient((next_mu, next_log_std))
-    cql_next_actions, log_pi_next = jax.vmap(lambda m, s, k: sample_actions(m, s, k, K))(
+    cql_next_actions, log_pi_next = jax.vmap(lambda m, s, k: policy_actions(m, s, k, K))(
         next_mu, next_log_std, jax.random.split(cql_next_key, B))
     actions = jnp.concatenate([rand_actions, curr_actions, cql_next_actions], axis=1)  # (B, 3K, A)
     q_samples = jax.vmap(jax.vmap(critic, in_axes=(None, 0)))(batch.obs, actions)  # (B, 3K, 2)
@@ -323,7 +323,7 @@ def actor_loss(actor: Actor, batch: Transitions, critic: Critic, alpha: jax.Arra
     """SAC's actor loss (minimised), E[alpha log pi(a_new|s) - min_i Q_i(s, a_new)]; while bc_phase, the
     Q term is replaced by the data's log-likelihood log pi(a_data|s) (behaviour cloning, CORL `bc_steps`)."""
     mu, log_std = jax.vmap(actor)(batch.obs)
-    new_action, log_pi = jax.vmap(lambda m, s, k: sample_actions(m, s, k, 1))(mu, log_std, jax.random.split(key, mu.shape[0]))
+    new_action, log_pi = jax.vmap(lambda m, s, k: policy_actions(m, s, k, 1))(mu, log_std, jax.random.split(key, mu.shape[0]))
     new_action, log_pi = new_action[:, 0], log_pi[:, 0]
     q_new = jax.vmap(critic)(batch.obs, new_action).min(axis=-1)
     u_data = jnp.arctanh(jnp.clip(batch.action, -0.999, 0.999))
@@ -344,7 +344,7 @@ def polyak(target, online, tau: float):
     return jax.tree.map(lambda t, o: (1 - tau) * t + tau * o if eqx.is_inexact_array(t) else t, target, online)
 
 
-def sample(dataset: Transitions, key: jax.Array, batch_size: int) -> Transitions:
+def draw_minibatch(dataset: Transitions, key: jax.Array, batch_size: int) -> Transitions:
     idx = jax.random.randint(key, (batch_size,), 0, dataset.obs.shape[0])
     return jax.tree.map(lambda x: x[idx], dataset)
 
@@ -353,9 +353,9 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
            opt: Optimisers) -> tuple[AgentState, dict]:
     """One CQL update: critics (TD + CQL(H)), the Lagrange multiplier, actor (SAC or BC), temperature, targets."""
     batch_key, critic_key, actor_key = jax.random.split(key, 3)
-    batch = sample(dataset, batch_key, args.batch_size)
+    batch = draw_minibatch(dataset, batch_key, args.batch_size)
     lagrange = args.lagrange
-    cql_weight = args.min_q_weight * (jnp.clip(jnp.exp(state.log_alpha_prime), 0.0, 1e6) if lagrange else 1.0)
+    cql_weight = args.min_q_weight * (jnp.clip(jnp.exp(state.log_lagrange), 0.0, 1e6) if lagrange else 1.0)
     alpha = jnp.exp(state.log_alpha)
 
     # critics
@@ -364,11 +364,11 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
     critic, critic_opt = apply_grads(opt.critic, state.critic, state.critic_opt, grads)
 
     # Lagrange multiplier: grows while the regulariser exceeds the target gap, shrinks below it
-    log_alpha_prime, alpha_prime_opt = state.log_alpha_prime, state.alpha_prime_opt
+    log_lagrange, lagrange_opt = state.log_lagrange, state.lagrange_opt
     if lagrange:
         gap = jax.lax.stop_gradient(c_metrics["cql_regulariser"]) - args.lagrange_gap
-        g_grad = jax.grad(lambda lg: -jnp.exp(lg) * args.min_q_weight * gap)(state.log_alpha_prime)
-        log_alpha_prime, alpha_prime_opt = apply_grads(opt.alpha_prime, log_alpha_prime, alpha_prime_opt, g_grad)
+        lagrange_grad = jax.grad(lambda lg: -jnp.exp(lg) * args.min_q_weight * gap)(state.log_lagrange)
+        log_lagrange, lagrange_opt = apply_grads(opt.lagrange, log_lagrange, lagrange_opt, lagrange_grad)
 
     # actor (behaviour cloning during the first bc_steps updates), then the entropy temperature
     (_, (a_metrics, a_extras)), grads = eqx.filter_value_and_grad(actor_loss, has_aux=True)(
@@ -380,8 +380,8 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
     log_alpha, alpha_opt = apply_grads(opt.alpha, state.log_alpha, state.alpha_opt, a_grad)
 
     state = AgentState(actor=actor, critic=critic, critic_target=polyak(state.critic_target, critic, args.tau),
-                       log_alpha=log_alpha, log_alpha_prime=log_alpha_prime, actor_opt=actor_opt, critic_opt=critic_opt,
-                       alpha_opt=alpha_opt, alpha_prime_opt=alpha_prime_opt, step=state.step + 1)
+                       log_alpha=log_alpha, log_lagrange=log_lagrange, actor_opt=actor_opt, critic_opt=critic_opt,
+                       alpha_opt=alpha_opt, lagrange_opt=lagrange_opt, step=state.step + 1)
     return state, {**c_metrics, **a_metrics, "alpha": alpha, "cql_weight": cql_weight}
 
 
@@ -399,17 +399,17 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
         raise ValueError(f"make_train takes resolved args (resolve_args); {unresolved} are None")
     lr = lambda base: optax.cosine_decay_schedule(base, args.num_updates) if args.cosine_schedule else base
     opt = Optimisers(actor=optax.adam(lr(args.actor_lr)), critic=optax.adam(lr(args.critic_lr)),
-                     alpha=optax.adam(args.actor_lr), alpha_prime=optax.adam(args.critic_lr))
+                     alpha=optax.adam(args.actor_lr), lagrange=optax.adam(args.critic_lr))
 
     def init(key: jax.Array) -> AgentState:
         actor_key, critic_key = jax.random.split(key)
         actor = Actor(obs_dim, act_dim, args, key=actor_key)
         critic = Critic(obs_dim, act_dim, args, key=critic_key)
-        zero, one = jnp.zeros(()), jnp.ones(())  # log alpha' starts at 1 (JaxCQL, CORL)
+        zero, one = jnp.zeros(()), jnp.ones(())  # log lambda starts at 1 (JaxCQL, CORL)
         return AgentState(actor, critic, critic, zero, one,
                           opt.actor.init(eqx.filter(actor, eqx.is_inexact_array)),
                           opt.critic.init(eqx.filter(critic, eqx.is_inexact_array)),
-                          opt.alpha.init(zero), opt.alpha_prime.init(one), jnp.zeros((), jnp.int32))
+                          opt.alpha.init(zero), opt.lagrange.init(one), jnp.zeros((), jnp.int32))
 
     def train_chunk(dataset: Transitions, state: AgentState, key: jax.Array, num_updates: jax.Array):
         arrays, static = eqx.partition(state, eqx.is_array)  # the loop carries arrays only

@@ -338,19 +338,19 @@ class AgentState(eqx.Module):
     critic: Critic
     critic_target: Critic
     log_alpha: jax.Array  # SAC entropy temperature
-    log_gamma: jax.Array  # log of the Lagrange multiplier on gamma_1 (used with --lagrange)
+    log_lagrange: jax.Array  # log of the Lagrange multiplier lambda; gamma_1 = min_q_weight * lambda (--lagrange)
     hmc_log_step: jax.Array  # log HMC step size (policy-std units) the chains start from; adapted when --hmc-adapt
     actor_opt: optax.OptState
     critic_opt: optax.OptState
     alpha_opt: optax.OptState
-    gamma_opt: optax.OptState
+    lagrange_opt: optax.OptState
 
 
 class Optimisers(NamedTuple):  # closed over by the update, never stored in the state
     actor: optax.GradientTransformation
     critic: optax.GradientTransformation
     alpha: optax.GradientTransformation
-    gamma: optax.GradientTransformation
+    lagrange: optax.GradientTransformation
 
 
 class Noise(NamedTuple):
@@ -421,10 +421,10 @@ def critic_loss(critic: Critic, batch: Transitions, actor: Actor, critic_target:
     return loss, (metrics, {"gaps": regs - budget, "q_samples_min": q_samples.min(axis=-1), "u_policy": u_policy})
 
 
-def lagrange_loss(log_gamma: jax.Array, gaps: jax.Array, args: Args) -> jax.Array:
+def lagrange_loss(log_lagrange: jax.Array, gaps: jax.Array, args: Args) -> jax.Array:
     """The multiplier grows while the regulariser exceeds its budget (gaps > 0) and shrinks below it
     (official form: mean over the two critics, multiplier clipped to [0, 1e6])."""
-    return -jnp.clip(jnp.exp(log_gamma), 0.0, 1e6) * args.min_q_weight * jax.lax.stop_gradient(gaps).mean()
+    return -jnp.clip(jnp.exp(log_lagrange), 0.0, 1e6) * args.min_q_weight * jax.lax.stop_gradient(gaps).mean()
 
 
 def improved_log_density(u: jax.Array, obs: jax.Array, mu: jax.Array, log_std: jax.Array, critic: Critic,
@@ -497,7 +497,7 @@ def resample_policy_samples(u_policy: jax.Array, q_policy: jax.Array, key: jax.A
     return jnp.take_along_axis(u_policy, idx[..., None], axis=1)
 
 
-def actor_loss(actor: Actor, batch: Transitions, critic: Critic, alpha: jax.Array, u_mcmc: jax.Array,
+def actor_loss(actor: Actor, batch: Transitions, critic: Critic, alpha: jax.Array, u_correction: jax.Array,
                weights: jax.Array, noise_new: jax.Array, args: Args) -> tuple[jax.Array, tuple[dict, dict]]:
     """Eq. 13 with the Eq. 15 gradient, weighted as in the official code (minimised):
         bc_weight * E[alpha log pi(a_new|s) - log pi(a_data|s)] - E[min_i Q_i(s, a_new)]
@@ -512,10 +512,10 @@ def actor_loss(actor: Actor, batch: Transitions, critic: Critic, alpha: jax.Arra
     metrics = {"log_pi_data": log_pi_data.mean(), "entropy": -log_pi.mean(), "actor_bc": bc_part, "actor_q": q_part}
     loss = bc_part + q_part
     if args.unbiased and not args.ba_only:
-        log_pi_mcmc = tanh_gaussian_log_prob(u_mcmc, mu[:, None], log_std[:, None])  # (B, K)
-        correction = args.unbiased_weight * jnp.sum(weights * log_pi_mcmc.mean(axis=1))
+        log_pi_correction = tanh_gaussian_log_prob(u_correction, mu[:, None], log_std[:, None])  # (B, K)
+        correction = args.unbiased_weight * jnp.sum(weights * log_pi_correction.mean(axis=1))
         loss = loss + correction
-        metrics.update(log_pi_mcmc=log_pi_mcmc.mean(), actor_correction=correction)
+        metrics.update(log_pi_correction=log_pi_correction.mean(), actor_correction=correction)
     return loss, ({"actor_loss": loss, **metrics}, {"log_pi": log_pi})
 
 
@@ -535,7 +535,7 @@ def polyak(target, online, tau: float):
     return jax.tree.map(lambda t, o: (1 - tau) * t + tau * o if eqx.is_inexact_array(t) else t, target, online)
 
 
-def sample(dataset: Transitions, key: jax.Array, batch_size: int) -> Transitions:
+def draw_minibatch(dataset: Transitions, key: jax.Array, batch_size: int) -> Transitions:
     idx = jax.random.randint(key, (batch_size,), 0, dataset.obs.shape[0])
     return jax.tree.map(lambda x: x[idx], dataset)
 
@@ -545,11 +545,11 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
     """One MISA update: critics (Eq. 12), Lagrange multiplier, HMC samples of p, actor (Eq. 13/15),
     temperature, targets. Every random number is drawn here; the losses are deterministic."""
     batch_key, noise_key, start_key, hmc_key = jax.random.split(key, 4)
-    batch = sample(dataset, batch_key, args.batch_size)
+    batch = draw_minibatch(dataset, batch_key, args.batch_size)
     noise = draw_noise(noise_key, args.batch_size, args.num_samples, batch.action.shape[1])
     regularise = not args.ba_only
     lagrange = args.lagrange
-    gamma_1 = args.min_q_weight * (jnp.clip(jnp.exp(state.log_gamma), 0.0, 1e6) if lagrange else 1.0) * regularise
+    gamma_1 = args.min_q_weight * (jnp.clip(jnp.exp(state.log_lagrange), 0.0, 1e6) if lagrange else 1.0) * regularise
     budget = lagrange_budget(args) if lagrange else 0.0
 
     # critics
@@ -558,22 +558,22 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
     critic, critic_opt = apply_grads(opt.critic, state.critic, state.critic_opt, grads)
 
     # Lagrange multiplier on gamma_1
-    log_gamma, gamma_opt = state.log_gamma, state.gamma_opt
+    log_lagrange, lagrange_opt = state.log_lagrange, state.lagrange_opt
     if lagrange:
-        g_grad = jax.grad(lagrange_loss)(state.log_gamma, c_extras["gaps"], args)
-        log_gamma, gamma_opt = apply_grads(opt.gamma, state.log_gamma, state.gamma_opt, g_grad)
+        lagrange_grad = jax.grad(lagrange_loss)(state.log_lagrange, c_extras["gaps"], args)
+        log_lagrange, lagrange_opt = apply_grads(opt.lagrange, state.log_lagrange, state.lagrange_opt, lagrange_grad)
 
     # the critic the actor improves on: the one just updated (Algorithm 1) or the pre-update one (official)
     actor_critic = critic if args.actor_sees == "updated" else state.critic
 
     # samples of the improved policy p(a|s) ∝ pi(a|s) exp Q(s, a) for the Eq. 15 correction; with
     # --correction dataset they are the dataset actions, as the official sampler (which never moves) gives
-    u_mcmc = jnp.broadcast_to(pre_tanh(batch.action)[:, None], noise.policy.shape)
+    u_correction = jnp.broadcast_to(pre_tanh(batch.action)[:, None], noise.policy.shape)
     hmc_log_step, hmc_metrics = state.hmc_log_step, {}
     if args.unbiased and regularise and args.correction == "hmc":
         start = (pre_tanh(batch.action) if args.hmc_chains == "sequential" else
                  resample_policy_samples(c_extras["u_policy"], c_extras["q_samples_min"], start_key, args.temperature))
-        u_mcmc, hmc_metrics = sample_improved_actions(state.actor, actor_critic, batch.obs, start, state.hmc_log_step,
+        u_correction, hmc_metrics = sample_improved_actions(state.actor, actor_critic, batch.obs, start, state.hmc_log_step,
                                                       hmc_key, args)
         hmc_log_step = hmc_metrics.pop("log_step")  # the next update's chains start from this batch's adapted step
     _, weights = mi_bound(c_extras["q_samples_min"], jnp.zeros(args.batch_size), args.temperature)
@@ -581,15 +581,15 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
     # actor, then the entropy temperature
     alpha = jnp.exp(state.log_alpha)
     (_, (a_metrics, a_extras)), grads = eqx.filter_value_and_grad(actor_loss, has_aux=True)(
-        state.actor, batch, actor_critic, alpha, u_mcmc, weights, noise.new, args)
+        state.actor, batch, actor_critic, alpha, u_correction, weights, noise.new, args)
     actor, actor_opt = apply_grads(opt.actor, state.actor, state.actor_opt, grads)
     target_entropy = -batch.action.shape[1] if args.target_entropy is None else args.target_entropy
     a_grad = jax.grad(alpha_loss)(state.log_alpha, a_extras["log_pi"], target_entropy)
     log_alpha, alpha_opt = apply_grads(opt.alpha, state.log_alpha, state.alpha_opt, a_grad)
 
     state = AgentState(actor=actor, critic=critic, critic_target=polyak(state.critic_target, critic, args.tau),
-                       log_alpha=log_alpha, log_gamma=log_gamma, hmc_log_step=hmc_log_step, actor_opt=actor_opt,
-                       critic_opt=critic_opt, alpha_opt=alpha_opt, gamma_opt=gamma_opt)
+                       log_alpha=log_alpha, log_lagrange=log_lagrange, hmc_log_step=hmc_log_step, actor_opt=actor_opt,
+                       critic_opt=critic_opt, alpha_opt=alpha_opt, lagrange_opt=lagrange_opt)
     return state, {**c_metrics, **a_metrics, **hmc_metrics, "alpha": alpha, "gamma_1": gamma_1}
 
 
@@ -607,17 +607,17 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
         raise ValueError(f"make_train takes resolved args (resolve_args); {unresolved} are None")
     lr = lambda base: optax.cosine_decay_schedule(base, args.num_updates) if args.cosine_schedule else base
     opt = Optimisers(actor=optax.adam(lr(args.actor_lr)), critic=optax.adam(lr(args.critic_lr)),
-                     alpha=optax.adam(args.actor_lr), gamma=optax.adam(args.lagrange_lr))
+                     alpha=optax.adam(args.actor_lr), lagrange=optax.adam(args.lagrange_lr))
 
     def init(key: jax.Array) -> AgentState:
         actor_key, critic_key = jax.random.split(key)
         actor = Actor(obs_dim, act_dim, args, key=actor_key)
         critic = Critic(obs_dim, act_dim, args, key=critic_key)
-        log_alpha, log_gamma = jnp.zeros(()), jnp.full((), args.lagrange_init)
-        return AgentState(actor, critic, critic, log_alpha, log_gamma, jnp.full((), np.log(args.hmc_step_size)),
+        log_alpha, log_lagrange = jnp.zeros(()), jnp.full((), args.lagrange_init)
+        return AgentState(actor, critic, critic, log_alpha, log_lagrange, jnp.full((), np.log(args.hmc_step_size)),
                           opt.actor.init(eqx.filter(actor, eqx.is_inexact_array)),
                           opt.critic.init(eqx.filter(critic, eqx.is_inexact_array)),
-                          opt.alpha.init(log_alpha), opt.gamma.init(log_gamma))
+                          opt.alpha.init(log_alpha), opt.lagrange.init(log_lagrange))
 
     def train_chunk(dataset: Transitions, state: AgentState, key: jax.Array, num_updates: jax.Array):
         arrays, static = eqx.partition(state, eqx.is_array)  # the loop carries arrays only

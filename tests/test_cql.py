@@ -75,14 +75,14 @@ class LinearCritic(eqx.Module):
         return self.w * action.sum()
 
 
-def stub_state(args, log_alpha_prime=1.0):
+def stub_state(args, log_lagrange=1.0):
     actor = GaussActor(jnp.zeros(1), jnp.zeros(1))
     critic = LinearCritic(jnp.array([1.0, 0.5]))
     opt = cql.Optimisers(actor=optax.adam(1e-3), critic=optax.adam(1e-3), alpha=optax.adam(1e-3),
-                         alpha_prime=optax.adam(args.critic_lr))
-    lap = jnp.asarray(log_alpha_prime)
+                         lagrange=optax.adam(args.critic_lr))
+    lap = jnp.asarray(log_lagrange)
     state = cql.AgentState(actor, critic, critic, jnp.zeros(()), lap, opt.actor.init(actor), opt.critic.init(critic),
-                           opt.alpha.init(jnp.zeros(())), opt.alpha_prime.init(lap), jnp.zeros((), jnp.int32))
+                           opt.alpha.init(jnp.zeros(())), opt.lagrange.init(lap), jnp.zeros((), jnp.int32))
     return state, opt
 
 
@@ -98,26 +98,26 @@ def bandit_dataset(n=512, seed=0, low=0.3, high=0.7):
 
 @pytest.mark.parametrize("target_gap, grows", [(1e-3, True), (1e3, False)])
 def test_lagrange_multiplier_moves_towards_the_target_gap(target_gap, grows):
-    """log alpha' takes Adam steps on -alpha' min_q_weight (gap - target): up while the regulariser is
+    """log lambda takes Adam steps on -lambda min_q_weight (gap - target): up while the regulariser is
     above its target, down while below. Three eager updates on stub networks."""
     args = cql.resolve_args(cql.Args(lagrange_gap=target_gap, num_samples=4, batch_size=16, critic_lr=0.05),
                             "locomotion")
     state, opt = stub_state(args)
     ds, key = bandit_dataset(64), jax.random.PRNGKey(0)
-    values = [float(state.log_alpha_prime)]
+    values = [float(state.log_lagrange)]
     for _ in range(3):
         key, sub = jax.random.split(key)
         state, metrics = cql.update(state, ds, sub, args, opt)
         assert (float(metrics["cql_regulariser"]) > target_gap) == grows
-        values.append(float(state.log_alpha_prime))
-    assert metrics["cql_weight"] == pytest.approx(5.0 * np.exp(values[-2]), rel=1e-5)  # alpha = min_q_weight alpha'
+        values.append(float(state.log_lagrange))
+    assert metrics["cql_weight"] == pytest.approx(5.0 * np.exp(values[-2]), rel=1e-5)  # alpha = min_q_weight lambda
     steps = np.diff(values)
     assert np.all(steps > 0) if grows else np.all(steps < 0)
     # without --lagrange the multiplier stays put and alpha = min_q_weight
     off = cql.resolve_args(cql.Args(num_samples=4, batch_size=16), "locomotion")
     state, opt = stub_state(off)
     state, metrics = cql.update(state, ds, key, off, opt)
-    assert float(state.log_alpha_prime) == 1.0 and float(metrics["cql_weight"]) == 5.0
+    assert float(state.log_lagrange) == 1.0 and float(metrics["cql_weight"]) == 5.0
 
 
 def test_max_target_backup_takes_the_best_next_action():

@@ -118,8 +118,8 @@ def test_critic_loss_parts_and_gradients_equal_the_official(name):
     lagrange = "config/lagrange" in fx
     if lagrange:
         args = misa.Args(**{**OFFICIAL, "lagrange": True, "lagrange_tau": float(fx["config/target_action_gap"])})
-    log_gamma = jnp.asarray(1.0)  # the official multiplier's start, log 1.0 (= our --lagrange-init default)
-    gamma_1 = args.min_q_weight * (jnp.exp(log_gamma) if lagrange else 1.0)
+    log_lagrange = jnp.asarray(1.0)  # the official multiplier's start, log 1.0 (= our --lagrange-init default)
+    gamma_1 = args.min_q_weight * (jnp.exp(log_lagrange) if lagrange else 1.0)
     budget = misa.lagrange_budget(args) if lagrange else 0.0
     (loss, (metrics, extras)), grads = eqx.filter_value_and_grad(misa.critic_loss, has_aux=True)(
         critic, batch, actor, target, gamma_1, budget, noise, args)
@@ -128,8 +128,8 @@ def test_critic_loss_parts_and_gradients_equal_the_official(name):
     assert_close(extras["gaps"] + budget, [fx["off/aux/qf1_diff"], fx["off/aux/qf2_diff"]], "regulariser of each critic")
     critic_grads_match(grads, fx)
     if lagrange:
-        assert_close(misa.lagrange_loss(log_gamma, extras["gaps"], args), fx["off/loss/log_alpha_prime"], "Lagrange loss")
-        assert_close(jax.grad(misa.lagrange_loss)(log_gamma, extras["gaps"], args),
+        assert_close(misa.lagrange_loss(log_lagrange, extras["gaps"], args), fx["off/loss/log_alpha_prime"], "Lagrange loss")
+        assert_close(jax.grad(misa.lagrange_loss)(log_lagrange, extras["gaps"], args),
                      fx["off/grad/log_alpha_prime/params/value"], "Lagrange multiplier gradient")
 
 
