@@ -75,14 +75,14 @@ Usage:
     python algorithms/misa.py                                  # embedded dataset, 5 seeds
     python algorithms/misa.py --env hopper-medium-v2 --num-seeds 5
     python algorithms/misa.py --env antmaze-umaze-v0 --num-seeds 5   # preset: tau 10, 3x256, reward (r-0.5)*4
-Ablations (paper Table 2): --num-samples 5|20, --hmc-burnin 1, --no-unbiased (MISA-biased),
---ba-only (BA: no Q regulariser), --no-ba; misa_dv.py and misa_f.py for the looser bounds.
+Ablations (paper Table 2): --objective misa-biased|ba|no-ba, --num-samples 5|20, --hmc-burnin 1;
+misa_dv.py and misa_f.py for the looser bounds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 
 import blackjax
@@ -179,16 +179,16 @@ class Args:
     lagrange_tau: float | None = None
     """Lagrange budget tau (default: domain preset; AntMaze 10, Adroit/Kitchen 3). Compared with the
     official code's log-B-normalised regulariser, as for the paper's numbers (see --lse-norm)"""
+    objective: Literal["misa", "misa-biased", "ba", "no-ba", "official"] = "misa"
+    """the objective, by the paper's names (Table 2): misa (Eq. 12 and 13, with the Eq. 15 correction
+    from HMC samples of p); misa-biased (without the correction term); ba (the Barber-Agakov bound
+    alone: no Q regulariser, no correction); no-ba (misa without the actor's E_D[log pi(a|s)] term);
+    official (misa whose correction samples are the dataset actions: what the official code trains,
+    since its sampler never accepts a move, docs/fidelity.md)"""
     bc_weight: float = 0.5
     """gamma_2 on the actor's E_D[log pi(a|s)] (and entropy) term (official code)"""
-    unbiased: bool = True
-    """use the unbiased gradient of Eq. 15 (HMC samples); --no-unbiased gives MISA-biased"""
     unbiased_weight: float = 0.1
-    """weight of the HMC correction term E_p[log pi(a|s)] (official code)"""
-    ba_only: bool = False
-    """ablation BA: the Barber-Agakov bound only (no Q regulariser, no correction term)"""
-    no_ba: bool = False
-    """ablation no-BA: drop the E_D[log pi(a|s)] term of the actor"""
+    """weight of the Eq. 15 correction term E_p[log pi(a|s)] (official code)"""
     hmc_burnin: int = 5
     """HMC burn-in steps per chain (the step size adapts during them, with --hmc-adapt)"""
     hmc_leapfrog: int = 2
@@ -207,9 +207,6 @@ class Args:
     """sequential: one chain per state, started at the dataset action, gives K successive samples
     (official); parallel: K chains per state, started at an exp(Q)-weighted resample of the K policy
     actions, one sample each (fewer sequential steps: faster on a GPU)"""
-    correction: Literal["hmc", "dataset"] = "hmc"
-    """samples of p for the Eq. 15 correction: hmc (the paper) or dataset, the dataset action K times:
-    what the official code effectively trains, since its sampler never accepts a move (README)"""
 
     # --- Fidelity: paper vs official code where they differ (module docstring, "Choices") ---
     init: Literal["official", "equinox"] = "official"
@@ -351,6 +348,14 @@ class Optimisers(NamedTuple):  # closed over by the update, never stored in the 
     critic: optax.GradientTransformation
     alpha: optax.GradientTransformation
     lagrange: optax.GradientTransformation
+
+
+def optimisers(args: Args) -> Optimisers:
+    """Adam for each; the actor's and critics' learning rates decay with --cosine-schedule (paper), the
+    temperature's (at the actor's rate) and the Lagrange multiplier's stay constant (official code)."""
+    lr = lambda base: optax.cosine_decay_schedule(base, args.num_updates) if args.cosine_schedule else base
+    return Optimisers(actor=optax.adam(lr(args.actor_lr)), critic=optax.adam(lr(args.critic_lr)),
+                      alpha=optax.adam(args.actor_lr), lagrange=optax.adam(args.lagrange_lr))
 
 
 class Noise(NamedTuple):
@@ -507,11 +512,11 @@ def actor_loss(actor: Actor, batch: Transitions, critic: Critic, alpha: jax.Arra
     _, new_action, log_pi = reparameterise(mu, log_std, noise_new)
     q_new = jax.vmap(critic)(batch.obs, new_action).min(axis=-1)
     log_pi_data = tanh_gaussian_log_prob(pre_tanh(batch.action), mu, log_std)
-    bc_part = args.bc_weight * (alpha * log_pi.mean() - (0.0 if args.no_ba else log_pi_data.mean()))
+    bc_part = args.bc_weight * (alpha * log_pi.mean() - (0.0 if args.objective == "no-ba" else log_pi_data.mean()))
     q_part = -q_new.mean()
     metrics = {"log_pi_data": log_pi_data.mean(), "entropy": -log_pi.mean(), "actor_bc": bc_part, "actor_q": q_part}
     loss = bc_part + q_part
-    if args.unbiased and not args.ba_only:
+    if args.objective in ("misa", "no-ba", "official"):  # the Eq. 15 correction
         log_pi_correction = tanh_gaussian_log_prob(u_correction, mu[:, None], log_std[:, None])  # (B, K)
         correction = args.unbiased_weight * jnp.sum(weights * log_pi_correction.mean(axis=1))
         loss = loss + correction
@@ -540,17 +545,16 @@ def draw_minibatch(dataset: Transitions, key: jax.Array, batch_size: int) -> Tra
     return jax.tree.map(lambda x: x[idx], dataset)
 
 
-def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
-           opt: Optimisers) -> tuple[AgentState, dict]:
-    """One MISA update: critics (Eq. 12), Lagrange multiplier, HMC samples of p, actor (Eq. 13/15),
-    temperature, targets. Every random number is drawn here; the losses are deterministic."""
-    batch_key, noise_key, start_key, hmc_key = jax.random.split(key, 4)
-    batch = draw_minibatch(dataset, batch_key, args.batch_size)
-    noise = draw_noise(noise_key, args.batch_size, args.num_samples, batch.action.shape[1])
-    regularise = not args.ba_only
-    lagrange = args.lagrange
-    gamma_1 = args.min_q_weight * (jnp.clip(jnp.exp(state.log_lagrange), 0.0, 1e6) if lagrange else 1.0) * regularise
-    budget = lagrange_budget(args) if lagrange else 0.0
+def train_step(state: AgentState, batch: Transitions, noise: Noise, improved_samples: Callable, args: Args,
+               opt: Optimisers) -> tuple[AgentState, dict]:
+    """One MISA update given its random draws: the minibatch, the losses' normal draws, and
+    `improved_samples(actor, critic, critic_extras, log_step) -> (u (B, K, A), diagnostics)`, the HMC
+    draws of p(a|s) ∝ pi(a|s) exp Q(s, a). Critics (Eq. 12), Lagrange multiplier, samples of p, actor
+    (Eq. 13/15), temperature, targets; deterministic given the draws (tests/test_official_parity.py
+    runs it on the official code's recorded update)."""
+    multiplier = jnp.clip(jnp.exp(state.log_lagrange), 0.0, 1e6) if args.lagrange else 1.0
+    gamma_1 = args.min_q_weight * multiplier * (args.objective != "ba")  # BA: no Q regulariser
+    budget = lagrange_budget(args) if args.lagrange else 0.0
 
     # critics
     (_, (c_metrics, c_extras)), grads = eqx.filter_value_and_grad(critic_loss, has_aux=True)(
@@ -559,7 +563,7 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
 
     # Lagrange multiplier on gamma_1
     log_lagrange, lagrange_opt = state.log_lagrange, state.lagrange_opt
-    if lagrange:
+    if args.lagrange:
         lagrange_grad = jax.grad(lagrange_loss)(state.log_lagrange, c_extras["gaps"], args)
         log_lagrange, lagrange_opt = apply_grads(opt.lagrange, state.log_lagrange, state.lagrange_opt, lagrange_grad)
 
@@ -567,14 +571,11 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
     actor_critic = critic if args.actor_sees == "updated" else state.critic
 
     # samples of the improved policy p(a|s) ∝ pi(a|s) exp Q(s, a) for the Eq. 15 correction; with
-    # --correction dataset they are the dataset actions, as the official sampler (which never moves) gives
+    # --objective official they are the dataset actions, as the official sampler (which never moves) gives
     u_correction = jnp.broadcast_to(pre_tanh(batch.action)[:, None], noise.policy.shape)
     hmc_log_step, hmc_metrics = state.hmc_log_step, {}
-    if args.unbiased and regularise and args.correction == "hmc":
-        start = (pre_tanh(batch.action) if args.hmc_chains == "sequential" else
-                 resample_policy_samples(c_extras["u_policy"], c_extras["q_samples_min"], start_key, args.temperature))
-        u_correction, hmc_metrics = sample_improved_actions(state.actor, actor_critic, batch.obs, start, state.hmc_log_step,
-                                                      hmc_key, args)
+    if args.objective in ("misa", "no-ba"):
+        u_correction, hmc_metrics = improved_samples(state.actor, actor_critic, c_extras, state.hmc_log_step)
         hmc_log_step = hmc_metrics.pop("log_step")  # the next update's chains start from this batch's adapted step
     _, weights = mi_bound(c_extras["q_samples_min"], jnp.zeros(args.batch_size), args.temperature)
 
@@ -593,6 +594,23 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
     return state, {**c_metrics, **a_metrics, **hmc_metrics, "alpha": alpha, "gamma_1": gamma_1}
 
 
+def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
+           opt: Optimisers) -> tuple[AgentState, dict]:
+    """One MISA update: every random number of it is drawn here (the minibatch, the losses' normal
+    draws, the HMC chains' starts and keys), then `train_step` takes the update on them."""
+    batch_key, noise_key, start_key, hmc_key = jax.random.split(key, 4)
+    batch = draw_minibatch(dataset, batch_key, args.batch_size)
+    noise = draw_noise(noise_key, args.batch_size, args.num_samples, batch.action.shape[1])
+
+    def improved_samples(actor: Actor, critic: Critic, critic_extras: dict, log_step: jax.Array):
+        start = (pre_tanh(batch.action) if args.hmc_chains == "sequential" else
+                 resample_policy_samples(critic_extras["u_policy"], critic_extras["q_samples_min"], start_key,
+                                         args.temperature))
+        return sample_improved_actions(actor, critic, batch.obs, start, log_step, hmc_key, args)
+
+    return train_step(state, batch, noise, improved_samples, args, opt)
+
+
 # ============================================================================ make_train
 def make_train(args: Args, obs_dim: int, act_dim: int):
     """Returns the compiled, seed-vmapped `init(keys)` and `train_chunk(dataset, state, keys, num_updates)`.
@@ -605,9 +623,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
     unresolved = [k for k in PRESETS["locomotion"] if getattr(args, k) is None]
     if unresolved:
         raise ValueError(f"make_train takes resolved args (resolve_args); {unresolved} are None")
-    lr = lambda base: optax.cosine_decay_schedule(base, args.num_updates) if args.cosine_schedule else base
-    opt = Optimisers(actor=optax.adam(lr(args.actor_lr)), critic=optax.adam(lr(args.critic_lr)),
-                     alpha=optax.adam(args.actor_lr), lagrange=optax.adam(args.lagrange_lr))
+    opt = optimisers(args)
 
     def init(key: jax.Array) -> AgentState:
         actor_key, critic_key = jax.random.split(key)
@@ -691,8 +707,6 @@ def check_args(args: Args) -> list[str]:
     if args.reward_norm and (args.reward_scale is not None or args.reward_bias is not None):
         problems.append("--reward-norm sets the reward scale and bias itself: "
                         "drop --reward-scale/--reward-bias, or --reward-norm")
-    if args.ba_only and args.no_ba:
-        problems.append("--ba-only and --no-ba exclude each other")
     return problems
 
 
@@ -739,7 +753,11 @@ def main(args: Args) -> dict:
     return run.finish()
 
 
+# flags of earlier versions, refused with the one that replaced them
+REPLACED = {"--no-unbiased": "--objective misa-biased", "--unbiased": "--objective misa", "--ba-only": "--objective ba",
+            "--no-ba": "--objective no-ba", "--correction": "--objective official (was --correction dataset)"}
+
 if __name__ == "__main__":
     from common import runlog
 
-    runlog.cli(main, Args)
+    runlog.cli(main, Args, REPLACED)

@@ -1,7 +1,7 @@
 """Updates per second of an algorithm file's compiled, seed-vmapped training chunk.
 
     python benchmarks/speed.py --algos td3_bc --num-seeds 1 5 10 --out results/speed.md
-    python benchmarks/speed.py --algos misa misa:hmc_chains=parallel misa:unbiased=False --num-seeds 1 5 --chunk 10
+    python benchmarks/speed.py --algos misa misa:hmc_chains=parallel misa:objective=misa-biased --num-seeds 1 5 --chunk 10
 
 An entry of --algos is `name` or `name:field=value,field=value` (fields of that file's Args), so
 variants of one algorithm (e.g. MISA's two HMC layouts, or MISA without the sampler, which gives

@@ -84,11 +84,11 @@ TABLE2 = {
     "misa k=5": "misa --num-samples 5",
     "misa k=20": "misa --num-samples 20",
     "misa BI=1": "misa --hmc-burnin 1",
-    "misa BA only": "misa --ba-only",
-    "misa no BA": "misa --no-ba",
+    "misa BA only": "misa --objective ba",
+    "misa no BA": "misa --objective no-ba",
     "misa-f": "misa_f",
     "misa-dv": "misa_dv",
-    "misa biased": "misa --no-unbiased",
+    "misa biased": "misa --objective misa-biased",
     "misa": "misa",
 }
 # What this 2-core CPU can afford: 64-wide networks, K = 10 samples (MISA's and CQL's default is
@@ -145,7 +145,7 @@ SWEEPS = {
         "at the learning budget on ours/Hopper-v5/medium-replay; K = 10 unless the variant sets it",
         ["ours/Hopper-v5/medium-replay"],
         {**{label: (v + " --num-samples 10" if "num-samples" not in v else v) for label, v in TABLE2.items()},
-         "misa official correction": "misa --num-samples 10 --correction dataset"},
+         "misa official correction": "misa --num-samples 10 --objective official"},
         **LEARNING_BUDGET),
     # Does MISA learn? At 20k updates every MISA seed sat at 10.2-10.3 while TD3+BC kept rising (24 at
     # 100k): 50k updates, MISA (K = 10, its sampler), its official objective (no sampler), CQL and TD3+BC.
@@ -154,7 +154,7 @@ SWEEPS = {
         "does MISA learn? MISA, its official objective, CQL and TD3+BC at 50k updates on ours/Hopper-v5/medium-replay "
         "(256x256, 3 seeds; MISA with K = 10, paper: 50)",
         ["ours/Hopper-v5/medium-replay"],
-        {"misa official objective": "misa --num-samples 10 --correction dataset", "cql": "cql", "td3_bc": "td3_bc",
+        {"misa official objective": "misa --num-samples 10 --objective official", "cql": "cql", "td3_bc": "td3_bc",
          "misa": "misa --num-samples 10"},
         **LONG_BUDGET),
     "paper": Sweep(

@@ -118,11 +118,15 @@ def check(args: Any, problems: list[str] = ()) -> None:
         raise UserError("invalid arguments:\n  " + "\n  ".join(bad))
 
 
-def cli(main: Callable[[Any], Any], args_type: type) -> None:
-    """`main(tyro.cli(args_type))`, with every UserError printed as one message, exit status 2."""
+def cli(main: Callable[[Any], Any], args_type: type, replaced: dict[str, str] | None = None) -> None:
+    """`main(tyro.cli(args_type))`, with every UserError printed as one message, exit status 2.
+    `replaced` maps flags of earlier versions to what replaced them: one given is refused with that name."""
     import tyro
 
     try:
+        old = [a.split("=")[0] for a in sys.argv[1:] if a.split("=")[0] in (replaced or {})]
+        if old:
+            raise UserError(f"{old[0]} no longer exists: use {replaced[old[0]]}")
         main(tyro.cli(args_type))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -129,7 +129,7 @@ def test_bandit_misa_keeps_q_and_policy_in_the_data():
     ds = bandit_dataset()
     q_at = lambda state, a: float(eqx.filter_vmap(lambda c: c(jnp.zeros(1), jnp.array([a])).min())(state.critic)[0])
     misa_state, metrics = train_in_process(misa, tiny_args(misa), ds)
-    sac_state, _ = train_in_process(misa, tiny_args(misa, ba_only=True, bc_weight=0.0), ds)  # no regulariser, no BC
+    sac_state, _ = train_in_process(misa, tiny_args(misa, objective="ba", bc_weight=0.0), ds)  # no regulariser, no BC
     assert np.isfinite(metrics["critic_loss"]).all() and 0.0 < float(metrics["hmc_acceptance"].mean()) <= 1.0
     q_data_misa, q_ood_misa = q_at(misa_state, 0.5), q_at(misa_state, 0.99)
     q_data_sac, q_ood_sac = q_at(sac_state, 0.5), q_at(sac_state, 0.99)
@@ -214,3 +214,14 @@ def test_misa_f_bound_is_finite_for_large_critics():
     c = float(jax.nn.logsumexp(big, axis=1).max() - np.log(16) - 30.0)
     assert float(value) == pytest.approx(float(jnp.exp(big - c - 1.0).mean() - (big[:, 0] - c).mean()), rel=1e-5)
 
+
+
+def test_a_flag_of_an_earlier_version_is_refused_with_its_replacement():
+    import subprocess
+    import sys
+
+    for old, new in [("--ba-only", "--objective ba"), ("--no-unbiased", "--objective misa-biased"),
+                     ("--correction=dataset", "--objective official")]:
+        out = subprocess.run([sys.executable, str(ROOT / "algorithms" / "misa.py"), old], capture_output=True, text=True,
+                             timeout=300, cwd=ROOT)
+        assert out.returncode == 2 and new in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]

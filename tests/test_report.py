@@ -204,3 +204,17 @@ def test_report_user_errors_end_in_one_message(tmp_path):
         report.main(report.Config(results=str(tmp_path / "nowhere")))
     with pytest.raises(SystemExit, match="--reps must be at least 1"):
         report.main(report.Config(results=str(tmp_path), reps=0))
+
+
+def test_every_sweep_command_parses_with_its_script():
+    """Each variant's flags are flags of its algorithm file (a renamed flag would fail here, not hours into a sweep)."""
+    import importlib
+    import shlex
+
+    import tyro
+
+    for name, sw in sweep.SWEEPS.items():
+        for label, variant in sw.variants.items():
+            algo, *flags = shlex.split(variant)
+            args_type = importlib.import_module(f"algorithms.{algo}").Args
+            tyro.cli(args_type, args=flags + shlex.split(sw.common_flags))  # raises SystemExit on an unknown flag
