@@ -172,13 +172,6 @@ class Args:
     """gamma_1: weight of the MI regulariser in the critic loss (official code)"""
     temperature: float = 1.0
     """the bound is applied to Q / temperature and rescaled (official code: 1)"""
-    lagrange: bool | None = None
-    """adapt gamma_1 by a Lagrange multiplier so that the regulariser stays near --lagrange-tau
-    (default: domain preset; on for AntMaze, Adroit and Kitchen, off for locomotion; giving
-    --lagrange-tau turns it on)"""
-    lagrange_tau: float | None = None
-    """Lagrange budget tau (default: domain preset; AntMaze 10, Adroit/Kitchen 3). Compared with the
-    official code's log-B-normalised regulariser, as for the paper's numbers (see --lse-norm)"""
     objective: Literal["misa", "misa-biased", "ba", "no-ba", "official"] = "misa"
     """the objective, by the paper's names (Table 2): misa (Eq. 12 and 13, with the Eq. 15 correction
     from HMC samples of p); misa-biased (without the correction term); ba (the Barber-Agakov bound
@@ -208,7 +201,21 @@ class Args:
     (official); parallel: K chains per state, started at an exp(Q)-weighted resample of the K policy
     actions, one sample each (fewer sequential steps: faster on a GPU)"""
 
-    # --- Fidelity: paper vs official code where they differ (module docstring, "Choices") ---
+    # --- The bound's Lagrange budget (the Args that differ between misa.py, misa_dv.py and misa_f.py) ---
+    lagrange: bool | None = None
+    """weight the regulariser by gamma_1 = min_q_weight * lambda, with a Lagrange multiplier lambda
+    adapted so that each critic's regulariser stays near --lagrange-tau (default: domain preset; on for
+    AntMaze, Adroit and Kitchen, off for locomotion; giving --lagrange-tau turns it on)"""
+    lagrange_tau: float | None = None
+    """Lagrange budget tau (default: domain preset; paper: AntMaze 10, Adroit/Kitchen 3). It bounds each
+    critic's regulariser in the official code's units, E_s[log (1/B) sum_k exp Q(s, a_k)] - E_D[Q]
+    (its log-mean-exp divides by the batch size B, not K), as for the paper's numbers; in the units of
+    --lse-norm samples that is tau + temperature * log(B / K)"""
+    lse_norm: Literal["samples", "batch"] = "samples"
+    """log E_pi exp Q as logsumexp - log K (samples: the mean, paper) or - log B (batch size: official
+    code); a constant (same gradients) that moves the logged regulariser, not what tau bounds"""
+
+    # --- Fidelity: paper vs official code where they differ (docs/fidelity.md) ---
     init: Literal["official", "equinox"] = "official"
     """network initialisation: official (flax Dense: lecun-normal kernels, zero biases, last layer
     variance-scaling 1e-2) or equinox's default (uniform +-1/sqrt(fan_in), biases too)"""
@@ -219,9 +226,6 @@ class Args:
     actor_sees: Literal["updated", "pre-update"] = "updated"
     """critic the actor and the HMC target use: the one just updated (paper, Algorithm 1) or the
     pre-update one (official: all losses at the same parameters)"""
-    lse_norm: Literal["samples", "batch"] = "samples"
-    """log E_pi exp Q as logsumexp - log K (samples: the mean, paper) or - log B (batch size: official
-    code); a constant (same gradients); the Lagrange budget is in the official units either way"""
     lagrange_init: float = 1.0
     """initial log of the Lagrange multiplier (official: 1.0, i.e. a multiplier of e)"""
     lagrange_lr: float = 3e-4
@@ -392,21 +396,27 @@ def mi_bound(q_samples: jax.Array, q_data: jax.Array, temperature: float) -> tup
 
 
 def official_norm_shift(args: Args) -> float:
-    """The official regulariser minus ours: its log-mean-exp subtracts log B (the batch size) where
-    the mean over K samples subtracts log K. A constant: same gradients, other values and budgets."""
+    """The official regulariser minus mi_bound's: its log-mean-exp subtracts log B (the batch size)
+    where the mean over K samples subtracts log K. A constant: same gradients, other values."""
     return args.temperature * float(np.log(args.num_samples) - np.log(args.batch_size))
 
 
+def regulariser(q_samples: jax.Array, q_data: jax.Array, args: Args) -> jax.Array:
+    """The regulariser of one critic in the critic loss: mi_bound's, in the official units with --lse-norm batch."""
+    return mi_bound(q_samples, q_data, args.temperature)[0] + (official_norm_shift(args) if args.lse_norm == "batch" else 0.0)
+
+
 def lagrange_budget(args: Args) -> float:
-    """The Lagrange budget tau in the units of the regulariser we compute. tau is compared with the
-    official code's log-B form (what the paper's tau = 10 / 3 constrained), whatever --lse-norm."""
+    """--lagrange-tau in the units of `regulariser`: tau bounds the official code's form (log B), what
+    the paper's tau = 10 / 3 constrained, whatever --lse-norm."""
     return args.lagrange_tau - (official_norm_shift(args) if args.lse_norm == "samples" else 0.0)
 
 
 def critic_loss(critic: Critic, batch: Transitions, actor: Actor, critic_target: Critic, gamma_1: jax.Array,
                 budget: float | jax.Array, noise: Noise, args: Args) -> tuple[jax.Array, tuple[dict, dict]]:
-    """Eq. 12: TD error + gamma_1 * (E_s[log E_pi exp Q] - E_D[Q] - budget) for each of the two critics
-    (budget: the Lagrange budget, 0 without Lagrange). Returns (loss, (metrics, extras))."""
+    """Eq. 12: TD error + gamma_1 * (regulariser - budget) for each of the two critics (`regulariser`:
+    E_s[log E_pi exp Q] - E_D[Q] for MISA; budget: the Lagrange budget, 0 without Lagrange).
+    Returns (loss, (metrics, extras))."""
     next_mu, next_log_std = jax.vmap(actor)(batch.next_obs)
     _, next_action, _ = reparameterise(next_mu, next_log_std, noise.next)
     next_q = jax.vmap(critic_target)(batch.next_obs, next_action).min(axis=-1)
@@ -418,8 +428,7 @@ def critic_loss(critic: Critic, batch: Transitions, actor: Actor, critic_target:
     mu, log_std = jax.lax.stop_gradient(jax.vmap(actor)(batch.obs))
     u_policy, actions, _ = reparameterise(mu[:, None], log_std[:, None], noise.policy)  # (B, K, A)
     q_samples = jax.vmap(jax.vmap(critic, in_axes=(None, 0)))(batch.obs, actions)  # (B, K, 2)
-    regs = jnp.stack([mi_bound(q_samples[..., i], q_data[:, i], args.temperature)[0] for i in range(2)])
-    regs = regs + (official_norm_shift(args) if args.lse_norm == "batch" else 0.0)
+    regs = jnp.stack([regulariser(q_samples[..., i], q_data[:, i], args) for i in range(2)])
     loss = td + gamma_1 * (regs - budget).sum()
     metrics = {"critic_loss": loss, "td_loss": td, "mi_regulariser": regs.mean(), "q_data": q_data.mean(),
                "q_policy": q_samples.mean()}

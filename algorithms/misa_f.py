@@ -1,7 +1,7 @@
 """MISA-f: MISA with the f-divergence bound (Ma et al., NeurIPS 2023, arXiv 2210.07484, Sec. 4.2).
 
-Identical to algorithms/misa.py except for the bound (`mi_bound`): the log-partition is replaced
-by its linear upper bound log x <= x / e,
+Identical to algorithms/misa.py except for the bound (`mi_bound` and its Lagrange budget): the
+log-partition is replaced by its linear upper bound log x <= x / e,
 
     I_MISA-f = E_D[log pi(a|s)] + E_D[Q(s, a)] - E_{s~D, a~pi(.|s)} exp(Q(s, a) - 1)   (+ const)
 
@@ -10,7 +10,8 @@ the loosest of the three (Theorem 4.1: I_MISA-DV >= I_MISA-f). Its actor gradien
 so each state's HMC correction is weighted by its (unnormalised) partition function. The bound is
 exponential in Q: where log E_pi exp Q exceeds 30 it is taken at Q minus a batch constant (see
 `mi_bound`), so it stays finite for critics in the thousands.
-`diff algorithms/misa.py algorithms/misa_f.py` shows exactly this change.
+--lagrange-tau bounds the f regulariser itself (no log(B/K) shift: that is MISA's official normalisation).
+`diff algorithms/misa.py algorithms/misa_f.py` shows exactly these changes.
 
 Where each equation lives:  mi_bound (the bound, the only section that differs in misa_dv.py and
 misa_f.py) -> critic_loss (Eq. 12) -> sample_improved_actions (HMC for p) -> actor_loss (Eq. 13 + 15).
@@ -171,13 +172,6 @@ class Args:
     """gamma_1: weight of the MI regulariser in the critic loss (official code)"""
     temperature: float = 1.0
     """the bound is applied to Q / temperature and rescaled (official code: 1)"""
-    lagrange: bool | None = None
-    """adapt gamma_1 by a Lagrange multiplier so that the regulariser stays near --lagrange-tau
-    (default: domain preset; on for AntMaze, Adroit and Kitchen, off for locomotion; giving
-    --lagrange-tau turns it on)"""
-    lagrange_tau: float | None = None
-    """Lagrange budget tau (default: domain preset; AntMaze 10, Adroit/Kitchen 3). Compared with the
-    official code's log-B-normalised regulariser, as for the paper's numbers (see --lse-norm)"""
     objective: Literal["misa", "misa-biased", "ba", "no-ba", "official"] = "misa"
     """the objective, by the paper's names (Table 2): misa (Eq. 12 and 13, with the Eq. 15 correction
     from HMC samples of p); misa-biased (without the correction term); ba (the Barber-Agakov bound
@@ -207,7 +201,17 @@ class Args:
     (official); parallel: K chains per state, started at an exp(Q)-weighted resample of the K policy
     actions, one sample each (fewer sequential steps: faster on a GPU)"""
 
-    # --- Fidelity: paper vs official code where they differ (module docstring, "Choices") ---
+    # --- The bound's Lagrange budget (the Args that differ between misa.py, misa_dv.py and misa_f.py) ---
+    lagrange: bool | None = None
+    """weight the regulariser by gamma_1 = min_q_weight * lambda, with a Lagrange multiplier lambda
+    adapted so that each critic's regulariser stays near --lagrange-tau (default: domain preset; on for
+    AntMaze, Adroit and Kitchen, off for locomotion; giving --lagrange-tau turns it on)"""
+    lagrange_tau: float | None = None
+    """Lagrange budget tau (default: domain preset; AntMaze 10, Adroit/Kitchen 3, as for MISA: the paper
+    gives none for MISA-f). It bounds each critic's f regulariser as mi_bound defines it,
+    E_{s,a~pi} exp(T - 1) - E_D[T] at T = Q (at T = Q - c above its stabilisation threshold, see mi_bound)"""
+
+    # --- Fidelity: paper vs official code where they differ (docs/fidelity.md) ---
     init: Literal["official", "equinox"] = "official"
     """network initialisation: official (flax Dense: lecun-normal kernels, zero biases, last layer
     variance-scaling 1e-2) or equinox's default (uniform +-1/sqrt(fan_in), biases too)"""
@@ -218,9 +222,6 @@ class Args:
     actor_sees: Literal["updated", "pre-update"] = "updated"
     """critic the actor and the HMC target use: the one just updated (paper, Algorithm 1) or the
     pre-update one (official: all losses at the same parameters)"""
-    lse_norm: Literal["samples", "batch"] = "samples"
-    """log E_pi exp Q as logsumexp - log K (samples: the mean, paper) or - log B (batch size: official
-    code); a constant (same gradients); the Lagrange budget is in the official units either way"""
     lagrange_init: float = 1.0
     """initial log of the Lagrange multiplier (official: 1.0, i.e. a multiplier of e)"""
     lagrange_lr: float = 3e-4
@@ -396,22 +397,21 @@ def mi_bound(q_samples: jax.Array, q_data: jax.Array, temperature: float) -> tup
     return partition - q_data.mean() + t * c, weights
 
 
-def official_norm_shift(args: Args) -> float:
-    """The official regulariser minus ours: its log-mean-exp subtracts log B (the batch size) where
-    the mean over K samples subtracts log K. A constant: same gradients, other values and budgets."""
-    return args.temperature * float(np.log(args.num_samples) - np.log(args.batch_size))
+def regulariser(q_samples: jax.Array, q_data: jax.Array, args: Args) -> jax.Array:
+    """The regulariser of one critic in the critic loss: mi_bound's (there is no official MISA-f to match)."""
+    return mi_bound(q_samples, q_data, args.temperature)[0]
 
 
 def lagrange_budget(args: Args) -> float:
-    """The Lagrange budget tau in the units of the regulariser we compute. tau is compared with the
-    official code's log-B form (what the paper's tau = 10 / 3 constrained), whatever --lse-norm."""
-    return args.lagrange_tau - (official_norm_shift(args) if args.lse_norm == "samples" else 0.0)
+    """--lagrange-tau in the units of `regulariser`: the bound's own."""
+    return args.lagrange_tau
 
 
 def critic_loss(critic: Critic, batch: Transitions, actor: Actor, critic_target: Critic, gamma_1: jax.Array,
                 budget: float | jax.Array, noise: Noise, args: Args) -> tuple[jax.Array, tuple[dict, dict]]:
-    """Eq. 12: TD error + gamma_1 * (E_s[log E_pi exp Q] - E_D[Q] - budget) for each of the two critics
-    (budget: the Lagrange budget, 0 without Lagrange). Returns (loss, (metrics, extras))."""
+    """Eq. 12: TD error + gamma_1 * (regulariser - budget) for each of the two critics (`regulariser`:
+    E_s[log E_pi exp Q] - E_D[Q] for MISA; budget: the Lagrange budget, 0 without Lagrange).
+    Returns (loss, (metrics, extras))."""
     next_mu, next_log_std = jax.vmap(actor)(batch.next_obs)
     _, next_action, _ = reparameterise(next_mu, next_log_std, noise.next)
     next_q = jax.vmap(critic_target)(batch.next_obs, next_action).min(axis=-1)
@@ -423,8 +423,7 @@ def critic_loss(critic: Critic, batch: Transitions, actor: Actor, critic_target:
     mu, log_std = jax.lax.stop_gradient(jax.vmap(actor)(batch.obs))
     u_policy, actions, _ = reparameterise(mu[:, None], log_std[:, None], noise.policy)  # (B, K, A)
     q_samples = jax.vmap(jax.vmap(critic, in_axes=(None, 0)))(batch.obs, actions)  # (B, K, 2)
-    regs = jnp.stack([mi_bound(q_samples[..., i], q_data[:, i], args.temperature)[0] for i in range(2)])
-    regs = regs + (official_norm_shift(args) if args.lse_norm == "batch" else 0.0)
+    regs = jnp.stack([regulariser(q_samples[..., i], q_data[:, i], args) for i in range(2)])
     loss = td + gamma_1 * (regs - budget).sum()
     metrics = {"critic_loss": loss, "td_loss": td, "mi_regulariser": regs.mean(), "q_data": q_data.mean(),
                "q_policy": q_samples.mean()}

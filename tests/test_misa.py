@@ -84,12 +84,15 @@ def test_weights_of_the_three_estimators():
 
 
 def test_the_three_files_differ_only_in_the_bound():
-    """Outside the module docstring and `mi_bound`, misa_dv.py and misa_f.py are misa.py with their
-    own name in ALGO and the usage lines."""
+    """Outside the module docstring and the bound (its section of Args: the Lagrange budget, and its
+    functions from `mi_bound` to `critic_loss`: the bound, its normalisation and its budget), misa_dv.py
+    and misa_f.py are misa.py with their own name in ALGO and the usage lines."""
     def body(module: str) -> str:
         text = (ROOT / "algorithms" / f"{module}.py").read_text()
-        start, end = text.index("def mi_bound("), text.index("\n\n\ndef ", text.index("def mi_bound("))
-        text = text[text.index("Where each equation lives"):start] + text[end:]
+        args_start = text.index("    # --- The bound's Lagrange budget")
+        args_end = text.index("\n    # ---", args_start + 5)
+        start, end = text.index("def mi_bound("), text.index("def critic_loss(")
+        text = text[text.index("Where each equation lives"):args_start] + text[args_end:start] + text[end:]
         return text.replace(f'ALGO = "{module}"', "ALGO").replace(f"python algorithms/{module}.py", "python algorithms/X")
 
     for variant in ("misa_dv", "misa_f"):
@@ -225,3 +228,83 @@ def test_a_flag_of_an_earlier_version_is_refused_with_its_replacement():
         out = subprocess.run([sys.executable, str(ROOT / "algorithms" / "misa.py"), old], capture_output=True, text=True,
                              timeout=300, cwd=ROOT)
         assert out.returncode == 2 and new in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- each bound's regulariser and budget
+class StubActor(eqx.Module):
+    """pi(u|s) = N(w s, exp(log_std)^2), pre-tanh."""
+
+    w: jax.Array
+    log_std: jax.Array
+
+    def __call__(self, obs):
+        return self.w @ obs, self.log_std
+
+
+class StubCritic(eqx.Module):
+    """Q_i(s, a) = -scale_i |a - centre_i|^2 + sum(s): twin critics with a closed form."""
+
+    centre: jax.Array
+    scale: jax.Array
+
+    def __call__(self, obs, action):
+        return -self.scale * jnp.sum((action[None] - self.centre) ** 2, axis=-1) + jnp.sum(obs)
+
+
+def logsumexp64(x, axis=None):
+    m = np.max(x, axis=axis, keepdims=True)
+    return np.squeeze(m, axis=axis) + np.log(np.sum(np.exp(x - m), axis=axis))
+
+
+# what --lagrange-tau bounds in each file, in float64: misa the official code's regulariser (its log-mean-exp
+# divides by the batch size B, not K), misa_dv and misa_f their own regulariser as the bound defines it
+REFERENCE_REGULARISER = {
+    "misa": lambda q, qd, t: t * (logsumexp64(q / t, axis=1) - np.log(q.shape[1])).mean() - qd.mean(),
+    "misa_dv": lambda q, qd, t: t * (logsumexp64(q / t) - np.log(q.size)) - qd.mean(),
+    "misa_f": lambda q, qd, t: t * np.exp(q / t - 1.0).mean() - qd.mean(),
+}
+OFFICIAL_UNITS = {"misa": lambda r, t, B, K: r - t * np.log(B / K), "misa_dv": lambda r, t, B, K: r,
+                  "misa_f": lambda r, t, B, K: r}
+
+
+@pytest.mark.parametrize("name, lagrange, temperature, extra", [
+    (name, lagrange, t, {}) for name in ("misa", "misa_dv", "misa_f") for lagrange, t in [(False, 1.0), (True, 1.0), (True, 2.5)]
+] + [("misa", False, 1.0, {"lse_norm": "batch"}), ("misa", True, 2.5, {"lse_norm": "batch"})])
+def test_each_bound_and_its_lagrange_budget_against_float64(name, lagrange, temperature, extra):
+    """The critic's regulariser part gamma_1 * sum_i (R_i - budget) in train_step, and the Lagrange
+    multiplier's gradient, against a float64 reference: --lagrange-tau bounds MISA's regulariser in the
+    official units and each other bound's own regulariser (it once carried MISA's log(B/K) into all three)."""
+    module = {"misa": misa, "misa_dv": misa_dv, "misa_f": misa_f}[name]
+    B, K, A, O = 16, 8, 2, 3
+    args = module.Args(batch_size=B, num_samples=K, temperature=temperature, lagrange=lagrange, lagrange_tau=0.7,
+                       objective="misa-biased", cosine_schedule=False, **extra)
+    rng = np.random.default_rng(0)
+    f32 = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    actor = StubActor(0.5 * f32(A, O), jnp.asarray([-0.7, -0.2], jnp.float32))
+    critic = StubCritic(0.4 * f32(2, A), jnp.asarray([3.0, 2.0], jnp.float32))
+    batch = module.Transitions(obs=f32(B, O), action=jnp.tanh(f32(B, A)), reward=f32(B), next_obs=f32(B, O),
+                               done=jnp.zeros(B, jnp.float32))
+    noise = module.Noise(next=f32(B, A), policy=f32(B, K, A), new=f32(B, A))
+    opt = module.optimisers(args)
+    log_lagrange = jnp.asarray(0.3, jnp.float32)
+    state = module.AgentState(actor, critic, critic, jnp.zeros(()), log_lagrange, jnp.zeros(()),
+                              opt.actor.init(actor), opt.critic.init(critic), opt.alpha.init(jnp.zeros(())),
+                              opt.lagrange.init(log_lagrange))
+    new, metrics = module.train_step(state, batch, noise, None, args, opt)
+
+    obs, act, eps = (np.asarray(x, np.float64) for x in (batch.obs, batch.action, noise.policy))
+    w, log_std = np.asarray(actor.w, np.float64), np.asarray(actor.log_std, np.float64)
+    centre, scale = np.asarray(critic.centre, np.float64), np.asarray(critic.scale, np.float64)
+    q = lambda s, a, i: -scale[i] * np.sum((a - centre[i]) ** 2, axis=-1) + s.sum(-1)
+    policy_actions = np.tanh((obs @ w.T)[:, None] + np.exp(log_std) * eps)  # (B, K, A)
+    regs = np.array([REFERENCE_REGULARISER[name](q(obs[:, None], policy_actions, i), q(obs, act, i), temperature)
+                     for i in range(2)])
+    official = OFFICIAL_UNITS[name](regs, temperature, B, K)
+    shown = official if extra.get("lse_norm") == "batch" else regs  # the units the regulariser is logged in
+    multiplier = np.exp(0.3) if lagrange else 1.0
+    part = 5.0 * multiplier * ((official - 0.7).sum() if lagrange else shown.sum())
+    np.testing.assert_allclose(float(metrics["mi_regulariser"]), shown.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["critic_loss"] - metrics["td_loss"]), part, rtol=1e-5, atol=1e-5)
+    lagrange_grad = float(new.lagrange_opt[0].mu) / 0.1  # Adam's first moment after one step: 0.1 * gradient
+    np.testing.assert_allclose(lagrange_grad, -5.0 * multiplier * (official - 0.7).mean() if lagrange else 0.0,
+                               rtol=1e-5, atol=1e-7)
