@@ -137,7 +137,7 @@ class Args:
 
     # --- Optimisation ---
     batch_size: int = 256
-    """transitions per minibatch"""
+    """transitions per minibatch (official code 256)"""
     actor_lr: float = 1e-4
     """Adam learning rate of the actor (paper; official code 1e-4)"""
     critic_lr: float = 1e-4
@@ -145,17 +145,17 @@ class Args:
     cosine_schedule: bool = True
     """cosine decay of both learning rates to 0 over --num-updates (paper; official code: none)"""
     hidden_dim: int = 256
-    """width of every hidden layer"""
+    """width of every hidden layer (paper 256)"""
     num_layers: int | None = None
     """hidden layers per network (default: domain preset, 2; AntMaze 3)"""
 
     # --- SAC ---
     discount: float = 0.99
-    """discount factor gamma"""
+    """discount factor (official code 0.99)"""
     tau: float = 0.005
-    """Polyak rate of the target critics"""
+    """Polyak rate of the target critics (official code 5e-3)"""
     target_entropy: float | None = None
-    """entropy target of the automatic temperature (default -act_dim)"""
+    """entropy target of the automatic temperature (default -act_dim, official code)"""
     reward_norm: bool | None = None
     """scale the rewards to [-1, 1] by the dataset's own min and max (default: domain preset; on for
     Adroit and Kitchen, as in the official MISA code); replaces --reward-scale/--reward-bias"""
@@ -167,7 +167,7 @@ class Args:
 
     # --- MISA ---
     num_samples: int = 50
-    """K: policy samples per state for log E_pi exp Q, and HMC samples per state for Eq. 15"""
+    """K: policy samples per state for log E_pi exp Q, and HMC samples per state for Eq. 15 (paper 50)"""
     min_q_weight: float = 5.0
     """gamma_1: weight of the MI regulariser in the critic loss (official code)"""
     temperature: float = 1.0
