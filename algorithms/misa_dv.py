@@ -11,70 +11,21 @@ so the HMC correction of each state is weighted by how large its partition funct
 --lagrange-tau bounds the DV regulariser itself (no log(B/K) shift: that is MISA's official normalisation).
 `diff algorithms/misa.py algorithms/misa_dv.py` shows exactly these changes.
 
-Where each equation lives:  mi_bound (the bound, the only section that differs in misa_dv.py and
-misa_f.py) -> critic_loss (Eq. 12) -> sample_improved_actions (HMC for p) -> actor_loss (Eq. 13 + 15).
+Where each equation lives:  mi_bound (the bound; with its normalisation and Lagrange budget the only
+section that differs in misa_dv.py and misa_f.py) -> critic_loss (Eq. 12) -> sample_improved_actions
+(HMC for p) -> actor_loss (Eq. 13 + 15); train_step is one update given its random draws, which
+update draws.
 
-Fidelity rule: the paper where it is explicit, the official code where the paper is silent; each
-choice below names its source, and each difference is a flag. tests/test_official_parity.py checks,
-with these flags set to the official values, that every loss, loss part and gradient of one update
-equals the official code's (relative error 1e-5, recorded fixtures).
-- Paper: ELU after every hidden layer (actor and critics; the official actor uses ReLU:
-  --actor-activation relu), 256-256 (3 x 256 for AntMaze), Adam with a cosine schedule, learning rate
-  1e-4 for actor and critics (official: 1e-4 / 3e-4 without schedule: --critic-lr 3e-4
-  --no-cosine-schedule), K = 50 samples, HMC with 5 burn-in and 2 leapfrog steps and step size 1,
-  Lagrange budget tau = 10 (AntMaze), 3 (Adroit, Kitchen), off for locomotion, AntMaze reward
-  (r - 0.5) * 4, 10 evaluation episodes (AntMaze 100). The actor is updated after the critics and
-  sees the updated critic (Algorithm 1; official: every loss at the pre-update parameters,
-  --actor-sees pre-update).
-- Official code (the paper is silent): gamma_1 = min_q_weight = 5, temperature 1; the log-mean-exp
-  runs over the K current-policy actions only; actor loss
-      bc_weight (alpha log pi(a_new|s) - log pi(a_data|s)) - min_i Q_i(s, a_new) + unbiased_weight log pi(a_mcmc|s)
-  with bc_weight 0.5 and unbiased_weight 0.1 (so the two halves of Eq. 15 are weighted differently);
-  automatic entropy tuning (target -|A|, learning rate of the actor, no schedule); no entropy term
-  in the TD target; next actions sampled from the current policy; initialisation of flax's Dense
-  (lecun-normal kernels, zero biases, last layers variance-scaling 1e-2; --init equinox for
-  equinox's); the policy's log-std = clip(scale * raw + shift, -5, 2) with *trainable* scalars
-  scale (start 1) and shift (start -1) (--no-learn-log-std-affine freezes them), mean clipped to
-  [-9, 9]; dataset actions clipped to +-0.999 before their log-probability; K samples of *one*
-  chain per state, started at the dataset action. Lagrange (when on): the log multiplier starts at
-  1.0 (multiplier e, --lagrange-init), is clipped to [0, 1e6] after exp, trained by Adam at the
-  official critic learning rate 3e-4 without schedule (--lagrange-lr), with loss
-  -multiplier * gamma_1 * mean_i(regulariser_i - tau), and the critic loss carries
-  multiplier * gamma_1 * (regulariser_i - tau).
-- Ours, where the official code is not what it intends or cannot be vmapped:
-  - the log-mean-exp subtracts log K (a mean over the K samples; official: log of the batch size,
-    --lse-norm batch): a constant, same gradients, values higher by log(B / K). The Lagrange
-    budget tau is compared with the official log-B form either way, so tau = 10 / 3 constrains
-    what it constrained for the paper's numbers;
-  - keys are threaded (no global RNG), so seeds vmap; every normal draw of an update is made in
-    `update` (`Noise`) and passed to the losses, which are deterministic;
-  - HMC runs in the pre-tanh space u (a = tanh u). There the target is N(u; mu, sigma) exp Q(s, tanh u):
-    the tanh Jacobians of pi and p cancel, so the density is exact and a proposal can never leave
-    (-1, 1). The official kernel (tfp HMC in action space, step 1, identity mass) leaves (-1, 1),
-    where log pi is undefined, on almost every proposal and never accepts one: its "samples" are the
-    dataset actions, and its correction term is a lower BC weight (README). --correction dataset
-    trains exactly that, the objective behind the published numbers;
-  - the mass matrix is the policy's own covariance (inverse mass = sigma(s)^2), so "step size 1"
-    means one policy standard deviation (--hmc-step-size). With a fixed step, acceptance falls as Q
-    sharpens (0.74 / 0.09 / 0.01 for Q 1x / 10x / 30x as sharp as log pi), so the step adapts
-    (--hmc-adapt, default): during each chain's burn-in, log step += rate * (acceptance - target)
-    (the rule of tfp's SimpleStepSizeAdaptation, which the official code meant to use, in log space;
-    blackjax's dual averaging assumes a long warm-up that converges to one value, not 5 steps per
-    update on a target that sharpens through training), and each update's chains start from the
-    previous batch's mean adapted step (`AgentState.hmc_log_step`). The kept samples use a fixed
-    step, so each chain is a valid Markov chain. Acceptance and step are logged;
-  - `--hmc-chains parallel` runs K independent chains per state (burn-in, then one sample each),
-    started at an exp(Q)-weighted resample of the K policy actions (an importance sample of p):
-    started at the dataset action, 5 burn-in steps did not forget the start (mean errors up to 3.7 std).
-  - MISA-f (misa_f.py) takes its exponential bound at Q minus a batch constant where
-    log E_pi exp Q > 30, so it stays finite for trained critics (see its `mi_bound`).
+Where this follows the paper, the official code, or neither, and why: docs/fidelity.md (one list for
+the three MISA files). tests/test_official_parity.py reproduces one recorded official update with the
+official choices set.
 
 Usage:
     python algorithms/misa_dv.py                                  # embedded dataset, 5 seeds
     python algorithms/misa_dv.py --env hopper-medium-v2 --num-seeds 5
     python algorithms/misa_dv.py --env antmaze-umaze-v0 --num-seeds 5   # preset: tau 10, 3x256, reward (r-0.5)*4
 Ablations (paper Table 2): --objective misa-biased|ba|no-ba, --num-samples 5|20, --hmc-burnin 1;
-misa_dv.py and misa_f.py for the looser bounds.
+misa_dv.py and misa_f.py for the looser bounds. --objective official: what the official code trains.
 """
 
 from __future__ import annotations

@@ -38,9 +38,10 @@ OFFICIAL = dict(
 # Our defaults are the official values of everything else the losses read (min_q_weight 5, bc_weight 0.5,
 # unbiased_weight 0.1, temperature 1, discount 0.99, K = 50, B = 256, 256-wide): not set here, so that a
 # changed default fails this test; test_every_attributed_default_has_its_value lists them.
-# Not a field of the losses, set by how the test calls them: the official actor loss sees the critic
-# *before* its update (ours: --actor-sees pre-update; default: the updated one, as in Algorithm 1), and
-# the official HMC samples are the dataset actions (its sampler never accepts a move; ours: --correction dataset).
+# Not a field of the losses, set by how the loss tests call them: the official actor loss sees the
+# critic *before* its update (ours: --actor-sees pre-update; default: the updated one, as in Algorithm 1),
+# and the official HMC samples are the dataset actions (its sampler never accepts a move; ours:
+# --objective official). The update tests set both (OFFICIAL_UPDATE).
 
 
 def load(name: str) -> dict[str, np.ndarray]:
