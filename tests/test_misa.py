@@ -219,15 +219,21 @@ def test_misa_f_bound_is_finite_for_large_critics():
 
 
 
-def test_a_flag_of_an_earlier_version_is_refused_with_its_replacement():
+def test_a_flag_of_an_earlier_version_is_refused_with_its_replacement(monkeypatch, capsys):
     import subprocess
     import sys
 
-    for old, new in [("--ba-only", "--objective ba"), ("--no-unbiased", "--objective misa-biased"),
-                     ("--correction=dataset", "--objective official")]:
-        out = subprocess.run([sys.executable, str(ROOT / "algorithms" / "misa.py"), old], capture_output=True, text=True,
-                             timeout=300, cwd=ROOT)
-        assert out.returncode == 2 and new in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    from common import runlog
+
+    out = subprocess.run([sys.executable, str(ROOT / "algorithms" / "misa.py"), "--ba-only"], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)  # as a user types it
+    assert out.returncode == 2 and "--objective ba" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    for old, new in [("--no-unbiased", "--objective misa-biased"), ("--correction=dataset", "--objective official"),
+                     ("--no-ba", "--objective no-ba")]:
+        monkeypatch.setattr(sys, "argv", ["misa.py", old])
+        with pytest.raises(SystemExit) as stop:
+            runlog.cli(lambda args: pytest.fail("main ran"), misa.Args, misa.REPLACED)
+        assert stop.value.code == 2 and new in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- each bound's regulariser and budget
