@@ -13,8 +13,10 @@ The log-sum-exp over a continuous action space is estimated by importance sampli
 appendix) with K uniform actions, K actions of pi(.|s) and K of pi(.|s') per state s, each exp Q
 divided by its proposal density. MISA, Section 4.4, derives CQL as a special case of MISA: the critic
 regulariser with a uniform variational distribution in place of pi (in practice the mixture
-above), and no mutual-information term in the actor. `diff algorithms/cql.py algorithms/misa.py`
-shows that difference, and the defaults that go with each method.
+above), and no mutual-information term in the actor. The two files have the same sections in the
+same order and share, word for word, the tanh-Gaussian log-density, `apply_grads`, `polyak`, `sample`,
+`act` and `main` (tests/test_cql.py checks it); their networks, defaults and losses are each
+method's own, so a diff of the two shows more than the method.
 
 Where each equation lives:  cql_regulariser (the importance-sampled log-sum-exp minus Q(s, a_data))
 -> critic_loss (TD + alpha * regulariser; max-target backup) -> actor_loss (SAC; BC phase).
@@ -34,10 +36,11 @@ Choices (JaxCQL `ConservativeSAC.get_default_config` unless marked):
   evaluation episodes. Not taken from that recipe: orthogonal initialisation and
   `policy_log_std_multiplier=0`. MISA's AntMaze preset uses (r - 0.5) * 4 (the original CQL code's);
   pass --reward-scale 4 --reward-bias -2 to compare the two on the same rewards.
-- Ours: the actor (log-std = raw - 1 clipped to [-5, 2], mean clipped to +-9) and the update order
-  (critics, then the actor against the updated critics) are misa.py's, so the two files differ only
-  in the method; JaxCQL clips the log-std to [-20, 2], learns the log-std scale and offset, and
-  computes all losses from the same parameters. Keys are threaded (no global RNG), so seeds vmap.
+- Ours: the actor's log-std is raw - 1 clipped to [-5, 2] and its mean is clipped to +-9 (misa.py's
+  bounds, with misa.py's trainable log-std scale and shift frozen at their start), and the update
+  order is misa.py's (critics, then the actor against the updated critics); JaxCQL clips the
+  log-std to [-20, 2], learns the log-std scale and offset, and computes all losses from the same
+  parameters. Keys are threaded (no global RNG), so seeds vmap.
 
 Usage:
     python algorithms/cql.py                                  # embedded dataset, 5 seeds

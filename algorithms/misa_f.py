@@ -210,7 +210,7 @@ class Args:
     """samples of p for the Eq. 15 correction: hmc (the paper) or dataset, the dataset action K times:
     what the official code effectively trains, since its sampler never accepts a move (README)"""
 
-    # --- Fidelity: paper vs official code where they differ (module docstring, "Choices") ---
+    # --- Fidelity: where the official code differs from the paper or fills its gaps (each flag says whose) ---
     init: Literal["official", "equinox"] = "official"
     """network initialisation: official (flax Dense: lecun-normal kernels, zero biases, last layer
     variance-scaling 1e-2) or equinox's default (uniform +-1/sqrt(fan_in), biases too)"""
