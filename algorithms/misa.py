@@ -86,7 +86,6 @@ from typing import Literal, NamedTuple
 
 
 import blackjax
-import distrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -280,19 +279,18 @@ class Actor(eqx.Module):
         return jnp.clip(mu, -9.0, 9.0), jnp.clip(scale * raw + shift, -5.0, 2.0)
 
 
-def policy(mu: jax.Array, log_std: jax.Array) -> distrax.Transformed:
-    """pi(.|s): tanh of the diagonal Gaussian N(mu, sigma^2), as a distrax distribution."""
-    return distrax.Transformed(distrax.MultivariateNormalDiag(mu, jnp.exp(log_std)), distrax.Block(distrax.Tanh(), 1))
-
-
 def gaussian_log_prob(u: jax.Array, mu: jax.Array, log_std: jax.Array) -> jax.Array:
-    return policy(mu, log_std).distribution.log_prob(u)
+    return jnp.sum(-0.5 * ((u - mu) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+
+
+def tanh_log_det(u: jax.Array) -> jax.Array:
+    """sum log |d tanh(u) / du| = sum log(1 - tanh(u)^2), computed stably."""
+    return jnp.sum(2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u)), axis=-1)
 
 
 def tanh_gaussian_log_prob(u: jax.Array, mu: jax.Array, log_std: jax.Array) -> jax.Array:
-    """log pi(a|s) at a = tanh(u), from u (distrax's log_prob(a) would invert tanh, impossible in float32 where it saturates)."""
-    dist = policy(mu, log_std)
-    return dist.distribution.log_prob(u) - dist.bijector.forward_log_det_jacobian(u)
+    """log pi(a|s) at a = tanh(u)."""
+    return gaussian_log_prob(u, mu, log_std) - tanh_log_det(u)
 
 
 def reparameterise(mu: jax.Array, log_std: jax.Array, eps: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
