@@ -13,8 +13,10 @@ The log-sum-exp over a continuous action space is estimated by importance sampli
 appendix) with K uniform actions, K actions of pi(.|s) and K of pi(.|s') per state s, each exp Q
 divided by its proposal density. MISA, Section 4.4, derives CQL as a special case of MISA: the critic
 regulariser with a uniform variational distribution in place of pi (in practice the mixture
-above), and no mutual-information term in the actor. `diff algorithms/cql.py algorithms/misa.py`
-shows that difference, and the defaults that go with each method.
+above), and no mutual-information term in the actor. The two files have the same sections in the
+same order and share, word for word, the tanh-Gaussian log-density, `apply_grads`, `polyak`, `sample`,
+`act` and `main` (tests/test_cql.py checks it); their networks, defaults and losses are each
+method's own, so a diff of the two shows more than the method.
 
 Where each equation lives:  cql_regulariser (the importance-sampled log-sum-exp minus Q(s, a_data))
 -> critic_loss (TD + alpha * regulariser; max-target backup) -> actor_loss (SAC; BC phase).
@@ -34,10 +36,11 @@ Choices (JaxCQL `ConservativeSAC.get_default_config` unless marked):
   evaluation episodes. Not taken from that recipe: orthogonal initialisation and
   `policy_log_std_multiplier=0`. MISA's AntMaze preset uses (r - 0.5) * 4 (the original CQL code's);
   pass --reward-scale 4 --reward-bias -2 to compare the two on the same rewards.
-- Ours: the actor (log-std = raw - 1 clipped to [-5, 2], mean clipped to +-9) and the update order
-  (critics, then the actor against the updated critics) are misa.py's, so the two files differ only
-  in the method; JaxCQL clips the log-std to [-20, 2], learns the log-std scale and offset, and
-  computes all losses from the same parameters. Keys are threaded (no global RNG), so seeds vmap.
+- Ours: the actor's log-std is raw - 1 clipped to [-5, 2] and its mean is clipped to +-9 (misa.py's
+  bounds, with misa.py's trainable log-std scale and shift frozen at their start), and the update
+  order is misa.py's (critics, then the actor against the updated critics); JaxCQL clips the
+  log-std to [-20, 2], learns the log-std scale and offset, and computes all losses from the same
+  parameters. Keys are threaded (no global RNG), so seeds vmap.
 
 Usage:
     python algorithms/cql.py                                  # embedded dataset, 5 seeds
@@ -393,10 +396,12 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
     compiled program serves every chunk length; the dataset is an argument shared by all seeds
     (in_axes None), never closed over, so it is not baked into the program. It returns each training
     metric's mean over the chunk and the first loop step at which it was not finite (NEVER if none),
-    so that a NaN is reported at its update without keeping every step's values."""
-    unresolved = [k for k in PRESETS["locomotion"] if getattr(args, k) is None]
-    if unresolved:
-        raise ValueError(f"make_train takes resolved args (resolve_args); {unresolved} are None")
+    so that a NaN is reported at its update without keeping every step's values.
+
+    Settings left at None (the per-domain ones) take the locomotion preset, so `make_train(Args(), ...)`
+    works as it is; for another domain pass `resolve_args(args, domain, rewards)` (`PRESETS`)."""
+    if any(getattr(args, k) is None for k in PRESETS["locomotion"]):
+        args = resolve_args(args, "locomotion")
     lr = lambda base: optax.cosine_decay_schedule(base, args.num_updates) if args.cosine_schedule else base
     opt = Optimisers(actor=optax.adam(lr(args.actor_lr)), critic=optax.adam(lr(args.critic_lr)),
                      alpha=optax.adam(args.actor_lr), lagrange=optax.adam(args.critic_lr))

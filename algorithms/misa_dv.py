@@ -567,10 +567,12 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
     compiled program serves every chunk length; the dataset is an argument shared by all seeds
     (in_axes None), never closed over, so it is not baked into the program. It returns each training
     metric's mean over the chunk and the first loop step at which it was not finite (NEVER if none),
-    so that a NaN is reported at its update without keeping every step's values."""
-    unresolved = [k for k in PRESETS["locomotion"] if getattr(args, k) is None]
-    if unresolved:
-        raise ValueError(f"make_train takes resolved args (resolve_args); {unresolved} are None")
+    so that a NaN is reported at its update without keeping every step's values.
+
+    Settings left at None (the per-domain ones) take the locomotion preset, so `make_train(Args(), ...)`
+    works as it is; for another domain pass `resolve_args(args, domain, rewards)` (`PRESETS`)."""
+    if any(getattr(args, k) is None for k in PRESETS["locomotion"]):
+        args = resolve_args(args, "locomotion")
     opt = optimisers(args)
 
     def init(key: jax.Array) -> AgentState:

@@ -2,7 +2,8 @@
 progress bar and the final report, so that each algorithm's `main` is its loop:
 
     run = runlog.Run(ALGO, args, spec, data.fingerprint(raw))    # every check, before any work
-    state, keys = run.start({"state": state, "keys": keys})      # fresh, or the resumed checkpoint
+    start = run.start({"state": state, "keys": keys})            # fresh, or the resumed checkpoint
+    state, keys = start["state"], start["keys"]
     train = run.compile(train_v, dataset, state, keys)
     for num_updates in run.chunks():
         state, keys, metrics = train(dataset, state, keys, num_updates)
@@ -322,7 +323,10 @@ class Run:
         self.extra = extra or {}
         self.update, self.history = 0, {"updates": [], "returns": []}
         self.last_checkpoint: int | None = None
-        self.saved = self._check_resume() if args.resume else self._check_fresh()
+        if args.resume:
+            self._check_resume()
+        else:
+            self._check_fresh()
 
     # --- checks, before anything is written
     def _check_fresh(self) -> None:
@@ -331,9 +335,8 @@ class Run:
             raise UserError(f"{d} already holds a run; pass --resume to continue it, or choose another --run-dir")
         if d.exists() and not d.is_dir():
             raise UserError(f"--run-dir {d} is a file, not a directory")
-        return None
 
-    def _check_resume(self) -> dict:
+    def _check_resume(self) -> None:
         d, args = self.dir, self.args
         saved = check_resumable(d, self.algo, "eval_every", "update")
         if saved.get("data_sha256") not in (None, self.config["data_sha256"]):
@@ -359,7 +362,6 @@ class Run:
                             "(recorded in config.json)")
         self.config["changes"] = saved.get("changes", []) + [{"field": k, "from": a, "to": b} for k, (a, b) in changed.items()]
         self.config["created"] = {k: saved.get(k) for k in ("git_commit", "command", "host")}
-        return saved
 
     # --- start: resume the checkpoint, or write a fresh run's files
     def start(self, like: Any) -> Any:
