@@ -68,6 +68,8 @@ equals the official code's (relative error 1e-5, recorded fixtures).
   - `--hmc-chains parallel` runs K independent chains per state (burn-in, then one sample each),
     started at an exp(Q)-weighted resample of the K policy actions (an importance sample of p):
     started at the dataset action, 5 burn-in steps did not forget the start (mean errors up to 3.7 std).
+    The default, `auto`, takes the faster layout of the backend: sequential (the official) on a CPU,
+    parallel on a GPU (results/speed.md, "The GPU design on paper"); config.json records which.
   - MISA-f (misa_f.py) takes its exponential bound at Q minus a batch constant where
     log E_pi exp Q > 30, so it stays finite for trained critics (see its `mi_bound`).
 
@@ -203,10 +205,11 @@ class Args:
     """acceptance rate the step-size adaptation aims at"""
     hmc_adapt_rate: float = 0.5
     """log step size += rate * (acceptance - target) per burn-in step"""
-    hmc_chains: Literal["sequential", "parallel"] = "sequential"
+    hmc_chains: Literal["auto", "sequential", "parallel"] = "auto"
     """sequential: one chain per state, started at the dataset action, gives K successive samples
     (official); parallel: K chains per state, started at an exp(Q)-weighted resample of the K policy
-    actions, one sample each (fewer sequential steps: faster on a GPU)"""
+    actions, one sample each (fewer sequential steps: faster on a GPU); auto: sequential on a CPU,
+    parallel on any other JAX backend"""
     correction: Literal["hmc", "dataset"] = "hmc"
     """samples of p for the Eq. 15 correction: hmc (the paper) or dataset, the dataset action K times:
     what the official code effectively trains, since its sampler never accepts a move (README)"""
@@ -229,6 +232,15 @@ class Args:
     """initial log of the Lagrange multiplier (official: 1.0, i.e. a multiplier of e)"""
     lagrange_lr: float = 3e-4
     """Adam learning rate of the Lagrange multiplier, constant (official: the critic learning rate, 3e-4)"""
+
+
+def resolve_hmc_chains(args: Args) -> Args:
+    """--hmc-chains auto -> the faster layout on this JAX backend: sequential on a CPU, which is FLOP-bound
+    (parallel chains take 3.9x the FLOPs), parallel elsewhere: a GPU is bound by the kernels run one
+    after another, 5x fewer with parallel chains (results/speed.md, "The GPU design on paper")."""
+    if args.hmc_chains != "auto":
+        return args
+    return dataclasses.replace(args, hmc_chains="sequential" if jax.default_backend() == "cpu" else "parallel")
 
 
 NEVER = jnp.iinfo(jnp.int32).max  # first non-finite step of a metric that stayed finite
@@ -605,6 +617,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
     unresolved = [k for k in PRESETS["locomotion"] if getattr(args, k) is None]
     if unresolved:
         raise ValueError(f"make_train takes resolved args (resolve_args); {unresolved} are None")
+    args = resolve_hmc_chains(args)  # as resolve_args does, for callers that set every preset themselves
     lr = lambda base: optax.cosine_decay_schedule(base, args.num_updates) if args.cosine_schedule else base
     opt = Optimisers(actor=optax.adam(lr(args.actor_lr)), critic=optax.adam(lr(args.critic_lr)),
                      alpha=optax.adam(args.actor_lr), gamma=optax.adam(args.lagrange_lr))
@@ -681,7 +694,7 @@ def resolve_args(args: Args, domain: str, rewards: np.ndarray | None = None) -> 
         lo, hi = float(rewards.min()), float(rewards.max())
         scale = 2.0 / max(hi - lo, 1e-8)
         args = dataclasses.replace(args, reward_scale=scale, reward_bias=-1.0 - lo * scale)
-    return args
+    return resolve_hmc_chains(args)
 
 
 def check_args(args: Args) -> list[str]:
