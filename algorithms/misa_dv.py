@@ -145,10 +145,11 @@ class Args:
     """acceptance rate the step-size adaptation aims at"""
     hmc_adapt_rate: float = 0.5
     """log step size += rate * (acceptance - target) per burn-in step"""
-    hmc_chains: Literal["sequential", "parallel"] = "sequential"
+    hmc_chains: Literal["auto", "sequential", "parallel"] = "auto"
     """sequential: one chain per state, started at the dataset action, gives K successive samples
     (official); parallel: K chains per state, started at an exp(Q)-weighted resample of the K policy
-    actions, one sample each (fewer sequential steps: faster on a GPU)"""
+    actions, one sample each (fewer sequential steps: faster on a GPU); auto: sequential on a CPU,
+    parallel on any other JAX backend"""
 
     # --- The bound's Lagrange budget (the Args that differ between misa.py, misa_dv.py and misa_f.py) ---
     lagrange: bool | None = None
@@ -175,6 +176,15 @@ class Args:
     """initial log of the Lagrange multiplier (official: 1.0, i.e. a multiplier of e)"""
     lagrange_lr: float = 3e-4
     """Adam learning rate of the Lagrange multiplier, constant (official: the critic learning rate, 3e-4)"""
+
+
+def resolve_hmc_chains(args: Args) -> Args:
+    """--hmc-chains auto -> the faster layout on this JAX backend: sequential on a CPU, which is FLOP-bound
+    (parallel chains take 3.9x the FLOPs), parallel elsewhere: a GPU is bound by the kernels run one
+    after another, 5x fewer with parallel chains (results/speed.md, "The GPU design on paper")."""
+    if args.hmc_chains != "auto":
+        return args
+    return dataclasses.replace(args, hmc_chains="sequential" if jax.default_backend() == "cpu" else "parallel")
 
 
 NEVER = jnp.iinfo(jnp.int32).max  # first non-finite step of a metric that stayed finite
@@ -573,6 +583,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
     works as it is; for another domain pass `resolve_args(args, domain, rewards)` (`PRESETS`)."""
     if any(getattr(args, k) is None for k in PRESETS["locomotion"]):
         args = resolve_args(args, "locomotion")
+    args = resolve_hmc_chains(args)  # as resolve_args does, for callers that set every preset themselves
     opt = optimisers(args)
 
     def init(key: jax.Array) -> AgentState:
@@ -647,7 +658,7 @@ def resolve_args(args: Args, domain: str, rewards: np.ndarray | None = None) -> 
         lo, hi = float(rewards.min()), float(rewards.max())
         scale = 2.0 / max(hi - lo, 1e-8)
         args = dataclasses.replace(args, reward_scale=scale, reward_bias=-1.0 - lo * scale)
-    return args
+    return resolve_hmc_chains(args)
 
 
 def check_args(args: Args) -> list[str]:

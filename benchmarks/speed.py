@@ -97,24 +97,46 @@ def load_algorithm(name: str):
     return module
 
 
-def measure(entry: str, num_seeds: int, cfg: Config) -> dict:
+OBS_DIM, ACT_DIM = 11, 3  # Hopper's shapes
+
+
+def synthetic_dataset(n: int) -> data.Transitions:
+    """n random transitions with Hopper's shapes (the update cost does not depend on the values)."""
+    rng = np.random.default_rng(0)
+    return data.Transitions(
+        obs=jnp.asarray(rng.normal(size=(n, OBS_DIM)), jnp.float32),
+        action=jnp.asarray(rng.uniform(-1, 1, (n, ACT_DIM)), jnp.float32),
+        reward=jnp.asarray(rng.normal(size=n), jnp.float32),
+        next_obs=jnp.asarray(rng.normal(size=(n, OBS_DIM)), jnp.float32),
+        done=jnp.asarray(rng.random(n) < 0.01, jnp.float32))
+
+
+def build_args(entry: str, num_seeds: int, log_every: int, num_updates: int, extra: dict | None = None):
+    """(module, resolved Args) of `entry` at `num_seeds` seeds; `extra` are Args overrides applied where
+    the file has the field (the entry's own win). `log_every` is the chunk length of files from before
+    the traced count (`name@commit`)."""
     algo, overrides = parse(entry)
     module = load_algorithm(algo)
-    args = module.Args(num_seeds=num_seeds, log_every=cfg.chunk, eval_every=cfg.chunk, num_updates=1000 * cfg.chunk,
+    fields = {f.name for f in dataclasses.fields(module.Args)}
+    overrides = {**{k: v for k, v in (extra or {}).items() if k in fields}, **overrides}
+    args = module.Args(num_seeds=num_seeds, log_every=log_every, eval_every=log_every, num_updates=num_updates,
                        **overrides)
-    if hasattr(module, "resolve_args"):  # the locomotion preset (the data below are hopper-shaped)
+    if hasattr(module, "resolve_args"):  # the locomotion preset (the data are hopper-shaped)
         args = module.resolve_args(args, "locomotion")
-    rng = np.random.default_rng(0)
-    n, obs_dim, act_dim = cfg.dataset_size, 11, 3
-    dataset = data.Transitions(
-        obs=jnp.asarray(rng.normal(size=(n, obs_dim)), jnp.float32),
-        action=jnp.asarray(rng.uniform(-1, 1, (n, act_dim)), jnp.float32),
-        reward=jnp.asarray(rng.normal(size=n), jnp.float32),
-        next_obs=jnp.asarray(rng.normal(size=(n, obs_dim)), jnp.float32),
-        done=jnp.asarray(rng.random(n) < 0.01, jnp.float32))
-    init_v, train_v = module.make_train(args, obs_dim, act_dim)
+    return module, args
+
+
+def build(entry: str, num_seeds: int, log_every: int, num_updates: int, extra: dict | None = None):
+    """(module, resolved args, train_v, initial state, train keys) of `entry` at `num_seeds` vmapped seeds."""
+    module, args = build_args(entry, num_seeds, log_every, num_updates, extra)
+    init_v, train_v = module.make_train(args, OBS_DIM, ACT_DIM)
     keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.arange(num_seeds))
-    state, train_keys = init_v(keys[:, 0]), keys[:, 1]
+    return module, args, train_v, init_v(keys[:, 0]), keys[:, 1]
+
+
+def measure(entry: str, num_seeds: int, cfg: Config) -> dict:
+    dataset = synthetic_dataset(cfg.dataset_size)
+    _, _, train_v, state, train_keys = build(entry, num_seeds, cfg.chunk, 1000 * cfg.chunk)
 
     count = (jnp.int32(cfg.chunk),)  # the chunk length, traced (older commits' chunks ran log_every updates)
 
