@@ -28,12 +28,14 @@ from common.data import EnvSpec
 from common.errors import UserError
 
 
-def make_env(spec: EnvSpec) -> gym.Env:
-    """Build one evaluation env for a dataset, taking actions in [-1, 1]."""
+def make_env(spec: EnvSpec, render_mode: str | None = None) -> gym.Env:
+    """Build one evaluation env for a dataset, taking actions in [-1, 1] (render_mode: gymnasium's,
+    e.g. "rgb_array" for videos)."""
+    render = {} if render_mode is None else {"render_mode": render_mode}
     if spec.minari_id is not None:
         import minari
 
-        env = minari.load_dataset(spec.minari_id).recover_environment(eval_env=True)
+        env = minari.load_dataset(spec.minari_id).recover_environment(eval_env=True, **render)
         if isinstance(env.observation_space, gym.spaces.Dict):  # flattened as common.data flattens the data
             env = gym.wrappers.FlattenObservation(env)
     elif spec.eval_env_id is not None:
@@ -41,7 +43,7 @@ def make_env(spec: EnvSpec) -> gym.Env:
         if spec.max_episode_steps is not None:
             kwargs["max_episode_steps"] = int(spec.max_episode_steps)
         try:
-            env = gym.make(spec.eval_env_id, **kwargs)
+            env = gym.make(spec.eval_env_id, **kwargs, **render)
         except (gym.error.Error, ModuleNotFoundError, TypeError) as e:  # unknown id, missing package, bad kwargs
             raise UserError(f"{spec.name}: cannot make its evaluation env {spec.eval_env_id!r} with {kwargs} "
                             f"({type(e).__name__}: {e}); fix the file's metadata/env_id or install the env's package") from None
@@ -62,11 +64,13 @@ def episode_seed(agent_seed: int, episode: int) -> int:
 class Evaluator:
     """Holds num_seeds x episodes envs and rolls a batched policy out in all of them."""
 
-    def __init__(self, spec: EnvSpec, seeds: Sequence[int], episodes: int):
+    def __init__(self, spec: EnvSpec, seeds: Sequence[int], episodes: int,
+                 make: Callable[[EnvSpec], gym.Env] = make_env):
+        """make: builds each env (default make_env; tools.evaluate passes one that records frames)."""
         if spec.eval_unsupported is not None and spec.minari_id is None:
             raise UserError(f"cannot evaluate on {spec.name!r}: {spec.eval_unsupported}")
         self.spec, self.seeds, self.episodes = spec, list(seeds), episodes
-        self.envs = [[make_env(spec) for _ in range(episodes)] for _ in self.seeds]
+        self.envs = [[make(spec) for _ in range(episodes)] for _ in self.seeds]
         obs_dim = self.envs[0][0].observation_space.shape[0] + spec.obs_pad
         if obs_dim != spec.obs_dim:
             raise UserError(
