@@ -37,9 +37,9 @@ from benchmarks import paper_scores  # noqa: E402
 from benchmarks import sweep as sweeps  # noqa: E402
 
 NAMES = {"td3_bc": "TD3+BC", "cql": "CQL", "misa": "MISA", "misa_dv": "MISA-DV", "misa_f": "MISA-f"}
-# MISA's sampler and regulariser health, plotted per run where the summary holds them
-MISA_DIAGNOSTICS = ["hmc_acceptance", "hmc_step", "q_data", "mi_regulariser"]
-COMPARISONS = [("misa", "cql"), ("misa", "td3_bc")]  # probability of improvement of the first over the second
+# MISA's sampler and regulariser health and the actor loss's parts, plotted per run where the summary holds them
+MISA_DIAGNOSTICS = ["hmc_acceptance", "hmc_step", "hmc_stein_scale", "q_data", "mi_regulariser", "actor_bc", "actor_q",
+                    "actor_correction"]
 
 
 @dataclasses.dataclass
@@ -118,7 +118,14 @@ def comparison_label(labels: list[str], algo_of: dict[str, str], algo: str) -> s
     return of_algo[0] if len(of_algo) == 1 else None
 
 
-def grid_statistics(runs: list[dict], labels: list[str], datasets: list[str], reps: int, seed: int) -> GridStats:
+def comparisons_of(name: str) -> tuple[tuple[str, str], ...]:
+    """The (X, Y) pairs whose probability of improvement P(X > Y) the sweep asks for (sweep.py)."""
+    sw = sweeps.SWEEPS.get(name)
+    return sw.comparisons if sw else sweeps.Sweep.comparisons
+
+
+def grid_statistics(runs: list[dict], labels: list[str], datasets: list[str], reps: int, seed: int,
+                    comparisons: tuple[tuple[str, str], ...] = sweeps.Sweep.comparisons) -> GridStats:
     """IQM per variant and MISA's probability of improvement, rliable's stratified bootstrap (over seeds,
     within each dataset). Each interval is seeded on its own, so it does not depend on the other variants."""
     from rliable import library as rly
@@ -138,7 +145,7 @@ def grid_statistics(runs: list[dict], labels: list[str], datasets: list[str], re
         iqm[lab] = (float(point[lab][0]), float(ci[lab][0, 0]), float(ci[lab][1, 0]))
     algo_of = {r["label"]: r["algo"] for r in runs}
     improvement = {}
-    for x_algo, y_algo in COMPARISONS:
+    for x_algo, y_algo in comparisons:
         x, y = (comparison_label(list(matrices), algo_of, a) for a in (x_algo, y_algo))
         if x is None or y is None:
             continue
@@ -150,7 +157,8 @@ def grid_statistics(runs: list[dict], labels: list[str], datasets: list[str], re
 
 
 def statistics_lines(stats: GridStats, algo_of: dict[str, str], metric: str, cfg: Config,
-                     scope: str = "the grid") -> list[str]:
+                     scope: str = "the grid", comparisons: tuple[tuple[str, str], ...] = sweeps.Sweep.comparisons
+                     ) -> list[str]:
     n = len(stats.datasets)
     out = [f"Over {scope} ({n} dataset{'s' * (n > 1)} as tasks, the seeds of each as runs): the interquartile "
            f"mean (IQM) of the final scores, and the probability of improvement P(X > Y) (the chance that a run of "
@@ -172,8 +180,9 @@ def statistics_lines(stats: GridStats, algo_of: dict[str, str], metric: str, cfg
         for (x, y), (point, low, high) in stats.improvement.items():
             out.append(f"| {NAMES.get(x, x)} over {NAMES.get(y, y)} | {point:.2f} | [{low:.2f}, {high:.2f}] |")
         out.append("")
-    for a, b in COMPARISONS:
-        if not any(algo_of.get(x) == a and algo_of.get(y) == b for x, y in stats.improvement):
+    for a, b in comparisons:
+        x, y = (comparison_label(list(stats.iqm), algo_of, c) for c in (a, b))
+        if (x, y) not in stats.improvement:
             out.append(f"- {NAMES.get(a, a)} over {NAMES.get(b, b)}: not computed: "
                        + "; ".join(why_no_comparison(stats, algo_of, c) for c in (a, b)
                                    if comparison_label(list(stats.iqm), algo_of, c) is None) + ".")
@@ -184,7 +193,7 @@ def statistics_lines(stats: GridStats, algo_of: dict[str, str], metric: str, cfg
 def why_no_comparison(stats: GridStats, algo_of: dict[str, str], algo: str) -> str:
     """Why no variant stands for `algo` in a comparison (see comparison_label)."""
     name = NAMES.get(algo, algo)
-    variants = [lab for lab, a in algo_of.items() if a == algo]
+    variants = [lab for lab, a in algo_of.items() if a == algo or lab == algo]
     if not variants:
         return f"no {name} runs in this sweep"
     if any(lab in stats.iqm for lab in variants):
@@ -212,23 +221,31 @@ def budget(runs: list[dict]) -> str:
 
 
 def plot_curves(runs: list[dict], dataset: str, path: Path) -> None:
+    """Score per evaluation (mean ± std over seeds) and, where the summaries hold it, the mean episode
+    length beside it: a flat score is read together with what the episodes do."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for r in runs:
-        x = np.asarray(r["curve"]["updates"])
-        y = np.asarray([[v if v is not None else np.nan for v in row] for row in r["curve"]["per_seed"]], float)
-        mean, std = np.nanmean(y, 1), np.nanstd(y, 1)
-        ax.plot(x, mean, marker="o", ms=3, label=r["label"])
-        ax.fill_between(x, mean - std, mean + std, alpha=0.15)
-    ax.set_xlabel("updates")
-    ax.set_ylabel(runs[0]["metric"])
-    ax.set_title(dataset, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    panels = [("curve", runs[0]["metric"])]
+    if any(r.get("episode_length", {}).get("updates") for r in runs):
+        panels.append(("episode_length", "episode length (steps)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        for i, r in enumerate(runs):
+            if not r.get(key, {}).get("updates"):
+                continue
+            x = np.asarray(r[key]["updates"])
+            y = np.asarray([[v if v is not None else np.nan for v in row] for row in r[key]["per_seed"]], float)
+            mean, std = np.nanmean(y, 1), np.nanstd(y, 1)
+            ax.plot(x, mean, marker="o", ms=3, label=r["label"], color=f"C{i}")
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=f"C{i}")
+        ax.set_xlabel("updates")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_title(dataset, fontsize=9)
+    axes[0][0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -279,7 +296,10 @@ def sweep_section(name: str, runs: list[dict], results: Path, cfg: Config) -> li
         paper_scores.paper_score(d, algo_of[lab]) is not None for d in datasets)]
 
     smoke = is_smoke(name, runs)
-    out = [f"### Sweep `{name}`{' (smoke run)' if smoke else ''}", ""]
+    title = sw.title if sw and sw.title else f"Sweep `{name}`"
+    out = [f"### {title}{' (smoke run)' if smoke else ''}", ""]
+    if sw and sw.title:
+        out += [f"Sweep `{name}`.", ""]
     if smoke:
         out += ["> **Smoke run**: a budget far below the paper's (see Budget). These numbers show that the "
                 "pipeline runs end to end; they say nothing about the algorithms' final performance.", ""]
@@ -330,14 +350,15 @@ def sweep_section(name: str, runs: list[dict], results: Path, cfg: Config) -> li
     if with_paper:
         out += ["", f"Paper columns: {paper_scores.PAPER_SOURCE} (`benchmarks/paper_scores.py`)."]
 
-    stats = grid_statistics(runs, labels, datasets, cfg.reps, cfg.seed)
-    out += [""] + statistics_lines(stats, algo_of, runs[0]["metric"], cfg)
+    comparisons = comparisons_of(name)
+    stats = grid_statistics(runs, labels, datasets, cfg.reps, cfg.seed, comparisons)
+    out += [""] + statistics_lines(stats, algo_of, runs[0]["metric"], cfg, comparisons=comparisons)
     # while the grid fills, the same statistics where every variant has run, so that all of them enter
     shared = [d for d in datasets if all((lab, d) in index for lab in labels)]
     if 0 < len(shared) < len(datasets):
         scope = f"the dataset{'s' * (len(shared) > 1)} every variant has run, " + ", ".join(f"`{d}`" for d in shared)
-        out += statistics_lines(grid_statistics(runs, labels, shared, cfg.reps, cfg.seed), algo_of,
-                                runs[0]["metric"], cfg, scope)
+        out += statistics_lines(grid_statistics(runs, labels, shared, cfg.reps, cfg.seed, comparisons), algo_of,
+                                runs[0]["metric"], cfg, scope, comparisons)
     out += ["Wall time per run (minutes, all seeds together, compile and evaluation included):", "",
             "| dataset | " + " | ".join(NAMES.get(lab, lab) for lab in labels) + " |",
             "|" + "---|" * (len(labels) + 1)]
@@ -345,7 +366,8 @@ def sweep_section(name: str, runs: list[dict], results: Path, cfg: Config) -> li
         out.append(f"| `{d}` | " + " | ".join(
             f"{index[(lab, d)]['wall_time_s'] / 60:.1f}" if (lab, d) in index else "–" for lab in labels) + " |")
 
-    out += ["", "Learning curves (mean ± std over seeds of the evaluation score):", ""]
+    out += ["", "Learning curves (mean ± std over seeds of the evaluation score; beside it the mean episode length, "
+                "where the summaries hold it):", ""]
     for d in datasets:
         png = Path("plots") / name / f"{sweeps.slug(d)}.png"
         plot_curves([index[(lab, d)] for lab in labels if (lab, d) in index], d, results / png)

@@ -75,6 +75,9 @@ class Sweep:
     common_flags: str = ""  # passed to every run (e.g. a smaller network for a CPU budget)
     smoke: bool = False  # a smoke budget: shows the pipeline runs, not performance; the report keeps it out of the main table
     diagnostic: bool = False  # measures a mechanism (e.g. the sampler), not a benchmark: its own section of the report
+    title: str | None = None  # the report's heading for this sweep (default: its name)
+    # (X, Y) pairs of variant labels or algorithms: the report gives P(X > Y) over the grid
+    comparisons: tuple[tuple[str, str], ...] = (("misa", "cql"), ("misa", "td3_bc"))
 
 
 ALGOS = {"td3_bc": "td3_bc", "cql": "cql", "misa": "misa", "misa_dv": "misa_dv", "misa_f": "misa_f"}
@@ -152,10 +155,13 @@ SWEEPS = {
     # ~4 h per CQL / MISA cell on 2 CPU cores: run it with --runs-root outside the checkout.
     "long-budget": Sweep(
         "does MISA learn? MISA, its official objective, CQL and TD3+BC at 50k updates on ours/Hopper-v5/medium-replay "
-        "(256x256, 3 seeds; MISA with K = 10, paper: 50)",
+        "(256x256, 3 seeds; MISA with K = 10, paper: 50). What it cannot show: one dataset, this project's data "
+        "(not D4RL), 5 % of the paper's 1M updates",
         ["ours/Hopper-v5/medium-replay"],
         {"misa official objective": "misa --num-samples 10 --objective official", "cql": "cql", "td3_bc": "td3_bc",
          "misa": "misa --num-samples 10"},
+        title="Longer budget: does MISA learn?",
+        comparisons=(("misa", "cql"), ("misa", "td3_bc"), ("misa", "misa official objective")),
         **LONG_BUDGET),
     "paper": Sweep(
         "the paper's Table 1 grid at the paper's budget (1M updates, default networks): needs GPUs and the D4RL files",
