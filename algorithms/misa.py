@@ -137,23 +137,29 @@ class Args:
     unbiased_weight: float = 0.1
     """weight of the Eq. 15 correction term E_p[log pi(a|s)] (official code)"""
     hmc_burnin: int = 5
-    """HMC burn-in steps per chain (the step size adapts during them, with --hmc-adapt)"""
+    """HMC steps per chain before the kept samples (discarded)"""
     hmc_leapfrog: int = 2
     """leapfrog steps per HMC step"""
     hmc_step_size: float = 1.0
     """leapfrog step size in units of the policy's standard deviation (paper: 1); with --hmc-adapt,
-    the step the first update's chains start from"""
+    the step of the first update"""
     hmc_adapt: bool = True
-    """adapt the step size toward --hmc-target-accept: during each chain's burn-in, and across updates
-    (each update's chains start from the last batch's adapted step); --no-hmc-adapt keeps it fixed"""
+    """adapt the step size toward --hmc-target-accept across updates: each update's chains run at one
+    fixed step, and the next update's step moves by the kept steps' acceptance; --no-hmc-adapt keeps it"""
     hmc_target_accept: float = 0.75
     """acceptance rate the step-size adaptation aims at"""
     hmc_adapt_rate: float = 0.5
-    """log step size += rate * (acceptance - target) per burn-in step"""
+    """log step size += rate * (acceptance of the kept steps - target), once per update"""
+    hmc_step_jitter: float = 0.5
+    """each HMC step draws its step size uniformly within +-jitter of the current one: breaks the
+    resonances of a fixed trajectory length (which left some dimensions' spread 15 % short)"""
+    hmc_start: Literal["resample", "dataset"] = "resample"
+    """where each chain starts: resample, one of the K policy actions of the critic's regulariser drawn
+    with probability ∝ exp(Q / temperature) (an importance sample of p); dataset, the dataset action
+    (official code; far in the policy's tail once the policy narrows)"""
     hmc_chains: Literal["auto", "sequential", "parallel"] = "auto"
-    """sequential: one chain per state, started at the dataset action, gives K successive samples
-    (official); parallel: K chains per state, started at an exp(Q)-weighted resample of the K policy
-    actions, one sample each (fewer sequential steps: faster on a GPU); auto: sequential on a CPU,
+    """sequential: one chain per state gives K successive samples (official); parallel: K chains per
+    state, one sample each (fewer sequential steps: faster on a GPU); auto: sequential on a CPU,
     parallel on any other JAX backend"""
 
     # --- The bound's Lagrange budget (the Args that differ between misa.py, misa_dv.py and misa_f.py) ---
@@ -414,29 +420,28 @@ def improved_log_density(u: jax.Array, obs: jax.Array, mu: jax.Array, log_std: j
 
 def hmc_chain(log_density, start: jax.Array, inverse_mass: jax.Array, log_step: jax.Array, key: jax.Array,
               num_samples: int, args: Args) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One blackjax HMC chain: --hmc-burnin steps, during which (with --hmc-adapt) the log step size
-    moves toward --hmc-target-accept, then `num_samples` steps at the adapted step, kept.
-    Returns positions (num_samples, A), their acceptance rates, and the adapted log step."""
+    """One blackjax HMC chain: --hmc-burnin steps discarded, then `num_samples` kept, every step at
+    the update's step size (jittered by --hmc-step-jitter), so the chain is a valid Markov chain.
+    Returns the kept positions (num_samples, A), the gradients of log p there and their acceptance rates."""
     kernel = blackjax.hmc.build_kernel()
     burn_key, draw_key = jax.random.split(key)
 
-    def burn_in_step(carry, k):  # Robbins-Monro in log step size (tfp's SimpleStepSizeAdaptation rule)
-        state, log_step = carry
-        state, info = kernel(k, state, log_density, jnp.exp(log_step), inverse_mass, args.hmc_leapfrog)
-        if args.hmc_adapt:
-            accept = jnp.where(jnp.isfinite(info.acceptance_rate), info.acceptance_rate, 0.0)
-            log_step = jnp.clip(log_step + args.hmc_adapt_rate * (accept - args.hmc_target_accept), -7.0, 2.0)
-        return (state, log_step), None
+    def step(state, k):
+        k, k_step = jax.random.split(k)
+        jitter = jax.random.uniform(k_step, (), minval=1 - args.hmc_step_jitter, maxval=1 + args.hmc_step_jitter)
+        state, info = kernel(k, state, log_density, jnp.exp(log_step) * jitter, inverse_mass, args.hmc_leapfrog)
+        return state, (state.position, state.logdensity_grad, info.acceptance_rate)
 
-    (state, log_step), _ = jax.lax.scan(burn_in_step, (blackjax.hmc.init(start, log_density), log_step),
-                                        jax.random.split(burn_key, args.hmc_burnin))
+    state, _ = jax.lax.scan(step, blackjax.hmc.init(start, log_density), jax.random.split(burn_key, args.hmc_burnin))
+    _, (positions, grads, accept) = jax.lax.scan(step, state, jax.random.split(draw_key, num_samples))
+    return positions, grads, accept
 
-    def sampling_step(state, k):  # the step size is fixed from here on: a valid Markov chain
-        state, info = kernel(k, state, log_density, jnp.exp(log_step), inverse_mass, args.hmc_leapfrog)
-        return state, (state.position, info.acceptance_rate)
 
-    _, (positions, accept) = jax.lax.scan(sampling_step, state, jax.random.split(draw_key, num_samples))
-    return positions, accept, log_step
+def stein_scale(u: jax.Array, grad: jax.Array) -> jax.Array:
+    """-mean_k (u_k - mean u) . grad log p(u_k) / A for one state's samples u (K, A): 1 in expectation
+    for exact samples of p (Stein's identity E_p[(u - c) . grad log p(u)] = -A), below 1 when the
+    samples are too narrow (0: the chain never moved), above 1 when too wide."""
+    return -jnp.mean(jnp.sum((u - u.mean(0, keepdims=True)) * grad, axis=-1)) / u.shape[-1]
 
 
 def sample_improved_actions(actor: Actor, critic: Critic, obs: jax.Array, start: jax.Array, log_step: jax.Array,
@@ -446,7 +451,8 @@ def sample_improved_actions(actor: Actor, critic: Critic, obs: jax.Array, start:
     units), all states at once. `start` is (B, A) for --hmc-chains sequential (one chain per state,
     K successive samples) or (B, K, A) for parallel (K chains per state, one sample each).
     Returns pre-tanh samples (B, K, A) and diagnostics: the mean acceptance of the kept steps, the
-    mean adapted step (policy-std units) and the mean adapted log step, where the next update's chains start."""
+    step (policy-std units), the Stein scale of the samples (stein_scale, mean over states), and
+    the log step of the next update (moved by the kept steps' acceptance with --hmc-adapt)."""
     mu, log_std = jax.vmap(actor)(obs)  # computed once, outside the sampler loop
     K = args.num_samples
 
@@ -460,11 +466,16 @@ def sample_improved_actions(actor: Actor, critic: Critic, obs: jax.Array, start:
         def one_sample_chain(chain_start, chain_key):
             return hmc_chain(log_density, chain_start, jnp.exp(2 * ls), log_step, chain_key, 1, args)
 
-        positions, accept, log_steps = jax.vmap(one_sample_chain)(start, jax.random.split(key, K))
-        return positions[:, 0], accept[:, 0], log_steps
+        positions, grads, accept = jax.vmap(one_sample_chain)(start, jax.random.split(key, K))
+        return positions[:, 0], grads[:, 0], accept[:, 0]
 
-    u, accept, log_steps = jax.vmap(chains_of_one_state)(obs, mu, log_std, start, jax.random.split(key, obs.shape[0]))
-    return u, {"hmc_acceptance": accept.mean(), "hmc_step": jnp.exp(log_steps).mean(), "log_step": log_steps.mean()}
+    u, grads, accept = jax.vmap(chains_of_one_state)(obs, mu, log_std, start, jax.random.split(key, obs.shape[0]))
+    accept = jnp.where(jnp.isfinite(accept), accept, 0.0)
+    next_log_step = log_step
+    if args.hmc_adapt:  # across updates, from the kept steps' acceptance (not a burn-in transient)
+        next_log_step = jnp.clip(log_step + args.hmc_adapt_rate * (accept.mean() - args.hmc_target_accept), -7.0, 2.0)
+    return u, {"hmc_acceptance": accept.mean(), "hmc_step": jnp.exp(log_step),
+               "hmc_stein_scale": jax.vmap(stein_scale)(u, grads).mean(), "log_step": next_log_step}
 
 
 def resample_policy_samples(u_policy: jax.Array, q_policy: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
@@ -549,7 +560,7 @@ def train_step(state: AgentState, batch: Transitions, noise: Noise, improved_sam
     hmc_log_step, hmc_metrics = state.hmc_log_step, {}
     if args.objective in ("misa", "no-ba"):
         u_correction, hmc_metrics = improved_samples(state.actor, actor_critic, c_extras, state.hmc_log_step)
-        hmc_log_step = hmc_metrics.pop("log_step")  # the next update's chains start from this batch's adapted step
+        hmc_log_step = hmc_metrics.pop("log_step")  # the next update's step, moved by this one's acceptance
     _, weights = mi_bound(c_extras["q_samples_min"], jnp.zeros(args.batch_size), args.temperature)
 
     # actor, then the entropy temperature
@@ -576,9 +587,13 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
     noise = draw_noise(noise_key, args.batch_size, args.num_samples, batch.action.shape[1])
 
     def improved_samples(actor: Actor, critic: Critic, critic_extras: dict, log_step: jax.Array):
-        start = (pre_tanh(batch.action) if args.hmc_chains == "sequential" else
-                 resample_policy_samples(critic_extras["u_policy"], critic_extras["q_samples_min"], start_key,
-                                         args.temperature))
+        if args.hmc_start == "dataset":  # the official start
+            start = pre_tanh(batch.action)
+            start = start if args.hmc_chains == "sequential" else jnp.broadcast_to(start[:, None], noise.policy.shape)
+        else:  # an exp(Q) resample of the regulariser's K policy actions per chain (sequential: the first)
+            start = resample_policy_samples(critic_extras["u_policy"], critic_extras["q_samples_min"], start_key,
+                                            args.temperature)
+            start = start[:, 0] if args.hmc_chains == "sequential" else start
         return sample_improved_actions(actor, critic, batch.obs, start, log_step, hmc_key, args)
 
     return train_step(state, batch, noise, improved_samples, args, opt)

@@ -96,6 +96,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "discount": _UNIT,
     "tau": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "hmc_target_accept": ((lambda v: 0 < v < 1), "in (0, 1)"),
+    "hmc_step_jitter": ((lambda v: 0 <= v < 1), "in [0, 1)"),
 }
 
 

@@ -45,32 +45,37 @@ class SharpCritic(eqx.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def sampler_update(adapt: bool, chains: str, dim: int):
-    """One training update's sampling, compiled once per layout (the target is an argument)."""
-    args = misa.Args(num_samples=K, hmc_burnin=5, hmc_leapfrog=2, hmc_step_size=1.0, hmc_adapt=adapt, hmc_chains=chains)
+def sampler_update(adapt: bool, chains: str, dim: int, start: str = "resample"):
+    """One training update's sampling, compiled once per layout (the target is an argument): the
+    chains start as `update` starts them (an exp(Q) resample of K policy actions, or the dataset
+    actions, here drawn from pi), then `misa.sample_improved_actions`."""
+    args = misa.Args(num_samples=K, hmc_burnin=5, hmc_leapfrog=2, hmc_step_size=1.0, hmc_adapt=adapt, hmc_chains=chains,
+                     hmc_start=start)
     actor = GaussActor(jnp.full(dim, MU), jnp.full(dim, np.log(SIGMA)))
     obs = jnp.zeros((B, 1))
 
     @eqx.filter_jit
     def one_update(critic, log_step, key):
         start_key, chain_key = jax.random.split(key)
-        if chains == "sequential":
-            start = MU + SIGMA * jax.random.normal(start_key, (B, dim))  # the dataset actions
-        else:  # as the update does: an exp(Q)-weighted resample of K policy samples per state
-            u_policy = MU + SIGMA * jax.random.normal(start_key, (B, K, dim))
+        u_policy = MU + SIGMA * jax.random.normal(start_key, (B, K, dim))
+        if start == "dataset":
+            u = u_policy[:, 0]
+            u = u if chains == "sequential" else jnp.broadcast_to(u[:, None], u_policy.shape)
+        else:
             q = jax.vmap(jax.vmap(lambda u: critic(None, jnp.tanh(u)).min()))(u_policy)
-            start = misa.resample_policy_samples(u_policy, q, jax.random.fold_in(start_key, 1), 1.0)
-        return misa.sample_improved_actions(actor, critic, obs, start, log_step, chain_key, args)
+            u = misa.resample_policy_samples(u_policy, q, jax.random.fold_in(start_key, 1), 1.0)
+            u = u[:, 0] if chains == "sequential" else u
+        return misa.sample_improved_actions(actor, critic, obs, u, log_step, chain_key, args)
 
     return one_update
 
 
 def run_sampler(sharpness: float, adapt: bool, chains: str = "sequential", dim: int = 1, skew: float = 0.0,
-                updates: int = 8, seed: int = 0):
-    """`updates` successive calls, as in training: dataset actions drawn from pi, the adapted step
-    carried over. Returns the last call's samples (B, K, dim) and diagnostics."""
+                updates: int = 15, seed: int = 0, start: str = "resample"):
+    """`updates` successive calls, as in training, the step carried over (moved by each call's
+    acceptance). Returns the last call's samples (B, K, dim) and diagnostics."""
     critic = SharpCritic(jnp.asarray(sharpness, jnp.float32), skew)
-    one_update = sampler_update(adapt, chains, dim)
+    one_update = sampler_update(adapt, chains, dim, start)
     log_step = jnp.log(1.0)
     for key in jax.random.split(jax.random.PRNGKey(seed), updates):
         u, info = one_update(critic, log_step, key)
@@ -97,7 +102,7 @@ def test_adaptive_hmc_matches_the_exact_density_as_q_sharpens(chains, sharpness)
 def test_a_fixed_step_of_one_policy_std_freezes_at_30x():
     """Without adaptation the sequential chain (the official layout) barely moves on a sharp target:
     the failure the adaptation exists for."""
-    u, info = run_sampler(30.0, adapt=False)
+    u, info = run_sampler(30.0, adapt=False, start="dataset")
     assert info["hmc_acceptance"] < 0.05 and info["hmc_step"] == pytest.approx(1.0)
     assert stats.kstest(u.ravel(), exact_1d(30.0).cdf).statistic > 0.3
 
@@ -151,3 +156,49 @@ def test_the_adapted_step_is_carried_into_the_next_update_and_logged():
     state, metrics = train_in_process(misa, tiny_args(misa, hmc_step_size=3.0, hmc_adapt=False, log_every=50), ds, chunks=1)
     assert float(state.hmc_log_step[0]) == pytest.approx(np.log(3.0))
     np.testing.assert_allclose(metrics["hmc_step"], 3.0, rtol=1e-5)
+
+
+def test_stein_scale_is_one_for_exact_samples_zero_for_a_stuck_chain_and_above_one_when_too_wide():
+    """The sampler's accuracy proxy on N(0, diag(s^2)) in 3-D: grad log p(u) = -u / s^2."""
+    s = jnp.array([[0.5, 1.0, 2.0]])
+    u = s * jax.random.normal(jax.random.PRNGKey(0), (20_000, 3))
+    scale = lambda u: float(misa.stein_scale(u, -u / s**2))
+    assert scale(u) == pytest.approx(1.0, abs=0.03)
+    assert scale(jnp.broadcast_to(u[0], u.shape)) == pytest.approx(0.0, abs=1e-6)
+    assert scale(2.0 * u) == pytest.approx(4.0, rel=0.05)
+
+
+# --------------------------------------------------------------------------- where training takes the sampler
+# The grid of tests/hmc_reference.py: the recorded official networks, the policy's log-std shift at -1,
+# -3 and a per-dimension mix, Q spreads of 1 to 100 units over the policy's actions, against NUTS
+# reference moments; the step carried over 30 updates, then 20 updates' samples pooled
+# (benchmarks/hmc_accuracy.py, which writes the same grid to results/hmc-accuracy.md).
+from hmc_reference import SHIFTS, SPREADS  # noqa: E402
+
+# Cells where today's default is measured to fail (results/hmc-accuracy.md): p sits several policy stds
+# away from pi and is far narrower, so chains started at a resample of pi's actions do not reach it
+# within 55 steps. Strict: a fix that makes one pass fails here until it is removed from the list.
+KNOWN_FAILING = {("-1", 30.0), ("-1", 100.0), ("-3", 10.0), ("-3", 30.0), ("-3", 100.0), ("mix", 10.0), ("mix", 30.0),
+                 ("mix", 100.0)}
+CELLS = [(shift, spread) for spread in SPREADS for shift in SHIFTS]
+
+
+@pytest.fixture(scope="module")
+def default_grid(request):
+    """The default sampler on every cell this session runs (the spread-1 cells by default, all with -m slow)."""
+    from benchmarks.hmc_accuracy import grid
+
+    wanted = [c for c in CELLS if c[1] == 1.0 or "slow" in request.config.getoption("-m")]
+    return {(r["shift"], r["spread"]): r for r in grid("misa", cells=wanted)}
+
+
+@pytest.mark.parametrize("shift, spread", [pytest.param(*c, marks=() if c[1] == 1.0 else pytest.mark.slow) for c in CELLS])
+def test_the_default_sampler_matches_nuts_where_training_goes(default_grid, shift, spread, request):
+    """Acceptance >= 0.5, every state's mean within 0.2 reference std, every dimension's std within 1.3x."""
+    if (shift, spread) in KNOWN_FAILING:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="measured: p out of reach (results/hmc-accuracy.md)"))
+    r = default_grid[(shift, spread)]
+    print(r)
+    assert r["acceptance"] >= 0.5
+    assert r["mean_error"] <= 0.2
+    assert 1 / 1.3 <= r["std_ratio_min"] and r["std_ratio_max"] <= 1.3
