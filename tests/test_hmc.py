@@ -142,7 +142,7 @@ def test_eq15_gradient_matches_the_exact_gradient():
 def test_the_adapted_step_is_carried_into_the_next_update_and_logged():
     """In training, the state's hmc_log_step moves from log(--hmc-step-size) to the adapted value,
     and hmc_acceptance / hmc_step are logged; with --no-hmc-adapt it stays at the flag's value."""
-    from test_misa import bandit_dataset, tiny_args, train_in_process
+    from conftest import bandit_dataset, tiny_misa_args as tiny_args, train_in_process
 
     ds = bandit_dataset()
     state, metrics = train_in_process(misa, tiny_args(misa, hmc_step_size=3.0, log_every=50), ds, chunks=1)
