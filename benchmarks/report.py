@@ -435,19 +435,18 @@ def main(cfg: Config) -> None:
                   "benchmark results.", ""]
     for name in main_sweeps:
         lines += sweep_section(name, by_sweep[name], results, cfg)
-    if diagnostic_sweeps:
-        lines += ["## Diagnostics (not benchmark results)", "",
-                  "Sweeps declared `diagnostic=True` in `benchmarks/sweep.py`: they measure a mechanism in "
-                  "training or a choice of the benchmark (e.g. the budget), not a benchmark result.", ""]
-        for name in diagnostic_sweeps:
-            lines += sweep_section(name, by_sweep[name], results, cfg)
-    if smoke_sweeps:
-        lines += ["## Smoke runs (not benchmark results)", "",
-                  "Sweeps declared `smoke=True` in `benchmarks/sweep.py`: a tiny fraction of the paper's updates "
-                  "(and, for the CPU grids, small networks), so that they run in minutes on a 2-core CPU. They are kept out of the "
-                  "main results above.", ""]
-        for name in smoke_sweeps:
-            lines += sweep_section(name, by_sweep[name], results, cfg)
+    others = [(diagnostic_sweeps, "## Diagnostics (not benchmark results)",
+               "Sweeps declared `diagnostic=True` in `benchmarks/sweep.py`: they measure a mechanism in "
+               "training or a choice of the benchmark (e.g. the budget), not a benchmark result."),
+              (smoke_sweeps, "## Smoke runs (not benchmark results)",
+               "Sweeps declared `smoke=True` in `benchmarks/sweep.py`: a tiny fraction of the paper's updates "
+               "(and, for the CPU grids, small networks), so that they run in minutes on a 2-core CPU. They are kept out of the "
+               "main results above.")]
+    for names, title, note in others:
+        if names:
+            lines += [title, "", note, ""]
+            for name in names:
+                lines += sweep_section(name, by_sweep[name], results, cfg)
     lines += speed_section(results)
     lines += ["## Other records", "",
               "- `datasets.md`: how the `ours/Hopper-v5` datasets were made.",

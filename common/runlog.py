@@ -65,7 +65,7 @@ from common.data import EnvSpec
 from common.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["jax", "jaxlib", "equinox", "optax", "distrax", "blackjax", "tyro", "gymnasium", "mujoco",
+PACKAGES = ["jax", "jaxlib", "equinox", "optax", "blackjax", "tyro", "gymnasium", "mujoco",
             "gymnasium-robotics", "minari", "h5py", "numpy", "wandb"]
 # a run's own files: a fresh start in a directory without a checkpoint replaces them
 RUN_FILES = ["config.json", "train.csv", "eval.csv", "returns.npz", "checkpoint.eqx", "results.json"]

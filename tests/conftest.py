@@ -13,12 +13,14 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"misa-jax-test-xla-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import equinox as eqx  # noqa: E402
 import gymnasium as gym  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from common.data import write_d4rl_hdf5  # noqa: E402
+from common.data import Transitions, write_d4rl_hdf5  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -80,3 +82,54 @@ def run_script(tmp_path):
         return json.loads((run_dir / "results.json").read_text()), out.stdout, run_dir
 
     return run
+
+
+# --------------------------------------------------------------------------- in-process training (several test files)
+def bandit_dataset(n: int = 512, seed: int = 0, low: float = 0.3, high: float = 0.7) -> Transitions:
+    """One-step continuous bandit: constant observation, behaviour actions in [low, high], reward = action,
+    done = 1. An unregularised critic extrapolates the reward upwards to actions never seen (a -> 1)."""
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(low, high, (n, 1)).astype(np.float32)
+    obs = np.zeros((n, 1), np.float32)
+    return Transitions(obs=jnp.asarray(obs), action=jnp.asarray(a), reward=jnp.asarray(a[:, 0]),
+                       next_obs=jnp.asarray(obs), done=jnp.ones(n, jnp.float32))
+
+
+def tiny_misa_args(module, **kw):
+    """Small, fast settings of a MISA file (misa, misa_dv or misa_f) for in-process training; the
+    per-domain settings are left to make_train (the locomotion preset)."""
+    base = dict(num_seeds=1, num_updates=400, log_every=200, eval_every=200, hidden_dim=32, batch_size=64,
+                num_samples=8, hmc_burnin=2, eval_episodes=1, cosine_schedule=False, actor_lr=1e-3, critic_lr=1e-3)
+    return module.Args(**{**base, **kw})
+
+
+def train_in_process(module, args, dataset: Transitions, seeds=(0,), chunks: int = 2, programs=None):
+    """The agents of `seeds` (vmapped), trained `chunks` times `args.log_every` updates on `dataset` by
+    `module.make_train(args, ...)`, or by `programs`, its (init, train) pair already built (to share
+    one compiled program between tests). Returns (state, each metric's mean over the last chunk; None
+    without chunks)."""
+    init_v, train_v = programs or module.make_train(args, dataset.obs.shape[1], dataset.action.shape[1])
+    keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.asarray(seeds))
+    state, train_keys, metrics = init_v(keys[:, 0]), keys[:, 1], None
+    for _ in range(chunks):
+        state, train_keys, metrics = train_v(dataset, state, train_keys, jnp.int32(args.log_every))
+    return state, None if metrics is None else metrics["mean"]
+
+
+def assert_same_agent(many, i: int, one, j: int = 0, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Agent i of the stacked agents `many` is agent j of `one` (to float rounding; rtol = atol = 0: bit
+    for bit), and the first two agents of `many` differ (the seeds really are different agents)."""
+    leaves = jax.tree.leaves(eqx.filter(many, eqx.is_array))
+    for a, b in zip(leaves, jax.tree.leaves(eqx.filter(one, eqx.is_array)), strict=True):
+        np.testing.assert_allclose(a[i], b[j], rtol=rtol, atol=atol)
+    assert any(not np.allclose(a[0], a[1]) for a in leaves)
+
+
+class GaussActor(eqx.Module):
+    """pi(u|s) = N(mu, exp(log_std)^2) in pre-tanh space, the same for every state."""
+
+    mu: jax.Array
+    log_std: jax.Array
+
+    def __call__(self, obs):
+        return self.mu, self.log_std

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from algorithms import cql, misa
-from common import data
+from conftest import GaussActor, assert_same_agent, bandit_dataset, train_in_process
 
 
 # --------------------------------------------------------------------------- the regulariser
@@ -56,16 +56,6 @@ def test_regulariser_batch_mean_and_clipping():
 
 
 # --------------------------------------------------------------------------- stubs for one update
-class GaussActor(eqx.Module):
-    """pi(u|s) = N(mu, exp(log_std)^2) in pre-tanh space, the same for every state."""
-
-    mu: jax.Array
-    log_std: jax.Array
-
-    def __call__(self, obs):
-        return self.mu, self.log_std
-
-
 class LinearCritic(eqx.Module):
     """Q_i(s, a) = w_i sum(a): twin critics with trainable slopes."""
 
@@ -84,16 +74,6 @@ def stub_state(args, log_lagrange=1.0):
     state = cql.AgentState(actor, critic, critic, jnp.zeros(()), lap, opt.actor.init(actor), opt.critic.init(critic),
                            opt.alpha.init(jnp.zeros(())), opt.lagrange.init(lap), jnp.zeros((), jnp.int32))
     return state, opt
-
-
-def bandit_dataset(n=512, seed=0, low=0.3, high=0.7):
-    """One-step continuous bandit: constant observation, behaviour actions in [low, high], reward = action,
-    done = 1. An unregularised critic extrapolates the reward upwards to actions never seen (a -> 1)."""
-    rng = np.random.default_rng(seed)
-    a = rng.uniform(low, high, (n, 1)).astype(np.float32)
-    obs = np.zeros((n, 1), np.float32)
-    return data.Transitions(obs=jnp.asarray(obs), action=jnp.asarray(a), reward=jnp.asarray(a[:, 0]),
-                            next_obs=jnp.asarray(obs), done=jnp.ones(n, jnp.float32))
 
 
 @pytest.mark.parametrize("target_gap, grows", [(1e-3, True), (1e3, False)])
@@ -165,16 +145,7 @@ def programs():
     args = tiny_args()
     init_v, train_cql = cql.make_train(args, 1, 1)
     _, train_plain = cql.make_train(dataclasses.replace(args, min_q_weight=0.0), 1, 1)
-    return init_v, train_cql, train_plain
-
-
-def train_in_process(programs, train, dataset, seeds, chunks):
-    init_v = programs[0]
-    keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.asarray(seeds))
-    state, train_keys = init_v(keys[:, 0]), keys[:, 1]
-    for _ in range(chunks):
-        state, train_keys, metrics = train(dataset, state, train_keys, jnp.int32(tiny_args().log_every))
-    return state, metrics["mean"]
+    return {"cql": (init_v, train_cql), "plain": (init_v, train_plain)}
 
 
 def test_bandit_cql_pushes_unseen_actions_below_the_data(programs):
@@ -182,8 +153,8 @@ def test_bandit_cql_pushes_unseen_actions_below_the_data(programs):
     actions, on both sides; without the regulariser the critic extrapolates upwards (Q(0.95) high)."""
     ds = bandit_dataset()
     q_at = lambda state, a: eqx.filter_vmap(lambda c: c(jnp.zeros(1), jnp.array([a])).min())(state.critic)  # (seeds,)
-    cql_state, metrics = train_in_process(programs, programs[1], ds, (0, 1), chunks=20)
-    plain_state, _ = train_in_process(programs, programs[2], ds, (0, 1), chunks=20)
+    cql_state, metrics = train_in_process(cql, tiny_args(), ds, (0, 1), chunks=20, programs=programs["cql"])
+    plain_state, _ = train_in_process(cql, tiny_args(), ds, (0, 1), chunks=20, programs=programs["plain"])
     assert np.isfinite(metrics["critic_loss"]).all()
     grid = (-0.9, 0.3, 0.5, 0.7, 0.95)
     q_cql = {a: np.asarray(q_at(cql_state, a)) for a in grid}
@@ -201,12 +172,9 @@ def test_seed_i_does_not_depend_on_the_other_seeds(programs):
     (The same property across different --num-seeds is tested for td3_bc.py and misa.py, whose
     update shares this file's vmap/scan code; here one compiled program keeps the test fast.)"""
     ds = bandit_dataset()  # the bandit test's shapes: no recompilation
-    a, _ = train_in_process(programs, programs[1], ds, (0, 1), chunks=1)
-    b, _ = train_in_process(programs, programs[1], ds, (1, 2), chunks=1)
-    leaves_a = jax.tree.leaves(eqx.filter(a, eqx.is_array))
-    for x, y in zip(leaves_a, jax.tree.leaves(eqx.filter(b, eqx.is_array))):
-        np.testing.assert_allclose(x[1], y[0], rtol=1e-5, atol=1e-6)
-    assert any(not np.allclose(x[0], x[1]) for x in leaves_a)
+    a, _ = train_in_process(cql, tiny_args(), ds, (0, 1), chunks=1, programs=programs["cql"])
+    b, _ = train_in_process(cql, tiny_args(), ds, (1, 2), chunks=1, programs=programs["cql"])
+    assert_same_agent(a, 1, b, 0, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- presets, shape, script

@@ -17,19 +17,10 @@ import pytest
 from scipy import stats
 
 from algorithms import misa
+from conftest import GaussActor
 
 MU, SIGMA, C = 0.3, 0.5, 0.8  # policy mean and std (pre-tanh), location of Q's peak
 B, K = 256, 50
-
-
-class GaussActor(eqx.Module):
-    """pi(u|s) = N(mu, exp(log_std)^2) in pre-tanh space, the same for every state."""
-
-    mu: jax.Array
-    log_std: jax.Array
-
-    def __call__(self, obs):
-        return self.mu, self.log_std
 
 
 class SharpCritic(eqx.Module):
@@ -147,7 +138,7 @@ def test_eq15_gradient_matches_the_exact_gradient():
 def test_the_adapted_step_is_carried_into_the_next_update_and_logged():
     """In training, the state's hmc_log_step moves from log(--hmc-step-size) to the adapted value,
     and hmc_acceptance / hmc_step are logged; with --no-hmc-adapt it stays at the flag's value."""
-    from test_misa import bandit_dataset, tiny_args, train_in_process
+    from conftest import bandit_dataset, tiny_misa_args as tiny_args, train_in_process
 
     ds = bandit_dataset()
     state, metrics = train_in_process(misa, tiny_args(misa, hmc_step_size=3.0, log_every=50), ds, chunks=1)

@@ -9,6 +9,7 @@ import pytest
 from algorithms import td3_bc
 from common import data, runlog
 from common.errors import UserError
+from conftest import assert_same_agent, train_in_process
 
 
 class ConstActor(eqx.Module):
@@ -39,15 +40,32 @@ def test_critic_loss_hand_computed():
     assert float(loss) == pytest.approx(expected, rel=1e-6)  # 1.6275
 
 
+class AffineCritic(eqx.Module):
+    """Q_1 = Q_2 = sum(s) (sum(a) + 2): 0 at s = 0, the action plus 2 at s = 1."""
+
+    def __call__(self, obs, action):
+        return jnp.stack([obs.sum() * (action.sum() + 2.0)] * 2)
+
+
 def test_target_smoothing_noise_is_clipped():
-    args = td3_bc.Args(discount=1.0, policy_noise=100.0, noise_clip=0.5)
-    batch = BATCH._replace(done=jnp.zeros(2))
-    # target action 0.9 + noise in [-0.5, 0.5], then clipped to [-1, 1]: min-Q target in [s' + 0.4, s' + 1]
-    _, aux = td3_bc.critic_loss(SumCritic(), batch, ConstActor(jnp.array([0.9])), SumCritic(), jax.random.PRNGKey(3), args)
-    for k in range(5):
-        noise_key = jax.random.PRNGKey(k)
-        noise = jnp.clip(100.0 * jax.random.normal(noise_key, (2, 1)), -0.5, 0.5)
-        assert jnp.all(jnp.clip(0.9 + noise, -1, 1) <= 1.0)
+    """The target's next action is clip(pi'(s') + clip(noise, -noise_clip, noise_clip), -1, 1). One
+    transition with Q(s, a) = 0 and target y = a' + 2 (discount 1, reward 0) has loss 2 y^2, which gives
+    the next action back: with policy noise 100 and noise clip 0.5 it is 0.9 - 0.5 or 0.9 + 0.5 clipped
+    to 1, never the -1 that the noise alone would reach."""
+    one = data.Transitions(obs=jnp.zeros((1, 1)), action=jnp.zeros((1, 1)), reward=jnp.zeros(1),
+                           next_obs=jnp.ones((1, 1)), done=jnp.zeros(1))
+
+    def next_actions(noise_clip):
+        args = td3_bc.Args(discount=1.0, policy_noise=100.0, noise_clip=noise_clip)
+        loss_at = lambda key: td3_bc.critic_loss(AffineCritic(), one, ConstActor(jnp.array([0.9])), AffineCritic(), key,
+                                                 args)[0]
+        loss = jax.vmap(loss_at)(jax.random.split(jax.random.PRNGKey(3), 100))
+        return np.sqrt(np.asarray(loss) / 2.0) - 2.0
+
+    clipped = next_actions(0.5)
+    low, high = np.isclose(clipped, 0.4, atol=1e-5), np.isclose(clipped, 1.0, atol=1e-5)
+    assert np.all(low | high) and low.any() and high.any(), clipped
+    assert np.isclose(next_actions(np.inf), -1.0, atol=1e-5).any()  # unclipped noise does reach -1
 
 
 def test_actor_loss_and_gradient_hand_computed():
@@ -80,22 +98,11 @@ def tiny_dataset(n=200, obs_dim=4, act_dim=2, seed=0):
 
 def train_seeds(seeds, chunks=2):
     args = td3_bc.Args(hidden_dim=32, batch_size=16, log_every=20)
-    init_v, train_v = td3_bc.make_train(args, 4, 2)
-    keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.asarray(seeds))
-    state, train_keys = init_v(keys[:, 0]), keys[:, 1]
-    dataset = tiny_dataset()
-    for _ in range(chunks):
-        state, train_keys, _ = train_v(dataset, state, train_keys, jnp.int32(args.log_every))
-    return eqx.filter(state, eqx.is_array)
+    return train_in_process(td3_bc, args, tiny_dataset(), seeds, chunks)[0]
 
 
 def test_seed_i_of_a_multi_seed_run_is_the_single_seed_run():
-    many = train_seeds([0, 1, 2])
-    one = train_seeds([1])
-    for a, b in zip(jax.tree.leaves(many), jax.tree.leaves(one)):
-        np.testing.assert_allclose(a[1], b[0], rtol=1e-4, atol=1e-5)
-    differs = [not np.allclose(a[0], a[1]) for a in jax.tree.leaves(many)]
-    assert any(differs)  # the seeds really are different agents
+    assert_same_agent(train_seeds([0, 1, 2]), 1, train_seeds([1]))
 
 
 def small_args(run_dir, env, **kw):
@@ -165,6 +172,4 @@ def test_end_to_end_two_seeds_real_env(tiny_hopper, tmp_path, run_script):
 def test_seed_i_of_a_multi_seed_run_starts_bit_identical():
     """What README promises exactly: the same initial parameters (and keys) for agent i of N as for a
     one-seed run with seed + i; after training they agree to rounding (the test above)."""
-    many, one = train_seeds([0, 1, 2], chunks=0), train_seeds([1], chunks=0)
-    for a, b in zip(jax.tree.leaves(many), jax.tree.leaves(one)):
-        np.testing.assert_array_equal(a[1], b[0])
+    assert_same_agent(train_seeds([0, 1, 2], chunks=0), 1, train_seeds([1], chunks=0), rtol=0, atol=0)
