@@ -11,7 +11,8 @@ function T (Section 4.2, Theorem 4.1):
     Eq. 13, actor:   max_pi E_s E_pi[Q(s, a)] + gamma_2 (E_D[log pi(a|s)] - E_s[log E_pi exp Q(s, a)])
     Eq. 15, the actor gradient of the last term, estimated without bias:
         grad_theta E_s[log E_pi exp Q] = E_s E_{a~p(.|s)}[grad_theta log pi(a|s)],  p(a|s) ∝ pi(a|s) exp Q(s, a)
-    with samples of p drawn by Hamiltonian Monte Carlo (blackjax), chains started at the dataset actions.
+    with samples of p drawn by Hamiltonian Monte Carlo (blackjax), chains started at an
+    exp(Q)-weighted resample of the policy's actions (the official code starts them at the dataset actions).
 
 --lagrange-tau bounds each critic's regulariser in the official code's units (its log-mean-exp
 divides by the batch size B, not K), so tau = 10 / 3 constrain what they did for the paper's numbers.
