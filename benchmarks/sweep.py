@@ -176,7 +176,8 @@ SWEEPS = {
 
 # training metrics kept in each summary, where the algorithm logs them (learning dynamics, sampler health)
 DIAGNOSTICS = ["q_data", "q_policy", "mi_regulariser", "cql_regulariser", "td_loss", "hmc_acceptance", "hmc_step",
-               "gamma_1", "alpha", "entropy", "actor_loss", "actor_bc", "actor_q", "actor_correction", "updates_per_s"]
+               "hmc_stein_scale", "gamma_1", "alpha", "entropy", "actor_loss", "actor_bc", "actor_q", "actor_correction",
+               "updates_per_s"]
 
 
 def slug(text: str) -> str:
