@@ -196,7 +196,7 @@ def test_presets_follow_the_sources():
 def test_shared_sections_are_misa_verbatim():
     """cql.py and misa.py share their plumbing and main word for word (cql.py's docstring says so). Their
     networks differ: MISA's follow the official MISA code's initialisation and trainable log-std scalars."""
-    shared = ["gaussian_log_prob", "tanh_log_det", "tanh_gaussian_log_prob", "apply_grads", "polyak", "sample", "act", "main"]
+    shared = ["gaussian_log_prob", "tanh_log_det", "tanh_gaussian_log_prob", "apply_grads", "polyak", "draw_minibatch", "act", "main"]
     for name in shared:
         assert inspect.getsource(getattr(cql, name)) == inspect.getsource(getattr(misa, name)), name
 
