@@ -463,6 +463,7 @@ ATTRIBUTED_DEFAULTS = {
     "min_q_weight": 5.0, "temperature": 1.0, "bc_weight": 0.5, "unbiased_weight": 0.1,  # official
     "objective": "misa", "hmc_step_size": 1.0, "lse_norm": "samples", "actor_activation": "elu",  # paper
     "actor_sees": "updated",  # paper, Algorithm 1
+    "hmc_start": "resample",  # ours; its docstring names the official start, dataset, as the alternative
     "hmc_chains": "auto", "init": "official", "learn_log_std_affine": True,  # official (hmc_chains auto: the official sequential on a CPU)
     "lagrange_init": 1.0, "lagrange_lr": 3e-4,  # official
 }
