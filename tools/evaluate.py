@@ -108,6 +108,8 @@ def check_outputs(args: Args) -> None:
             problems.append(f"{flag} must be at least 1, got {value}")
     if args.video_size is not None and min(args.video_size) < 1:
         problems.append(f"--video-size must be positive, got {args.video_size}")
+    if args.episodes is not None and (args.video or args.export):
+        problems.append("--episodes sets the evaluation, which --video and --export replace: drop one of them")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         problems.append(f"--seeds names a seed twice: {args.seeds}")
     runlog.check(args, problems)
@@ -132,6 +134,7 @@ def env_spec(agents: Agents) -> data.EnvSpec:
 
 
 def episode_scores(spec: data.EnvSpec, returns: np.ndarray) -> tuple[np.ndarray, str]:
+    """Normalised scores of returns (any shape) and what they are; the returns where the dataset has no reference."""
     if spec.ref_min_score is None:
         return returns, "return (no reference scores for this dataset)"
     return scores.normalized(returns, spec.ref_min_score, spec.ref_max_score, spec.name), "normalised score"
