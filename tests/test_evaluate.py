@@ -191,6 +191,7 @@ def test_bad_input_is_one_message_and_changes_nothing(runs, tmp_path, monkeypatc
     assert "the folder" in refused(d, "--video", tmp_path / "no" / "such" / "folder" / "x.mp4")
     assert "must end in .mp4 or .gif" in refused(d, "--video", tmp_path / "x.avi")
     assert "must end in .onnx" in refused(d, "--export", tmp_path / "x.pt")
+    assert "--episodes sets the evaluation" in refused(d, "--episodes", 5, "--export", tmp_path / "x.onnx")
     assert "seed 7: no such agent" in refused(d, "--seeds", 7)
     assert snapshot(d) == before  # nothing of the run changed, no evaluation file added
 

@@ -108,6 +108,8 @@ def check_outputs(args: Args) -> None:
             problems.append(f"{flag} must be at least 1, got {value}")
     if args.video_size is not None and min(args.video_size) < 1:
         problems.append(f"--video-size must be positive, got {args.video_size}")
+    if args.episodes is not None and (args.video or args.export):
+        problems.append("--episodes sets the evaluation, which --video and --export replace: drop one of them")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         problems.append(f"--seeds names a seed twice: {args.seeds}")
     runlog.check(args, problems)
@@ -132,6 +134,7 @@ def env_spec(agents: Agents) -> data.EnvSpec:
 
 
 def episode_scores(spec: data.EnvSpec, returns: np.ndarray) -> tuple[np.ndarray, str]:
+    """Normalised scores of returns (any shape) and what they are; the returns where the dataset has no reference."""
     if spec.ref_min_score is None:
         return returns, "return (no reference scores for this dataset)"
     return scores.normalized(returns, spec.ref_min_score, spec.ref_max_score, spec.name), "normalised score"
@@ -215,6 +218,7 @@ def record(agents: Agents, spec: data.EnvSpec, path: Path, size: tuple[int, int]
         spec = dataclasses.replace(spec, eval_env_kwargs={**spec.eval_env_kwargs, "width": size[0], "height": size[1]})
     if steps is not None:
         spec = dataclasses.replace(spec, max_episode_steps=steps)
+    spec = tracking_camera(spec)
     fps = check_renderer(spec)
     every = max(1, round(fps / VIDEO_FPS))
     evaluator = evaluation.Evaluator(spec, agents.seeds, 1, make=lambda s: Frames(evaluation.make_env(s, "rgb_array"), every))
@@ -232,6 +236,22 @@ def record(agents: Agents, spec: data.EnvSpec, path: Path, size: tuple[int, int]
     print(f"{len(frames)} frames of {frames[0].shape[1]} x {frames[0].shape[0]}, {fps / every:g} per second of simulated "
           f"time (one per {every} env steps): {path}")
     return path
+
+
+def tracking_camera(spec: data.EnvSpec) -> data.EnvSpec:
+    """The spec rendering through the model's tracking camera "track" where it has one (gymnasium's Hopper,
+    Walker2d, HalfCheetah, Ant, ...): gymnasium 1.4 renders its MuJoCo envs with a free camera that stays where
+    the body started (its default camera config names a body to track, but the camera is not in tracking mode)."""
+    import mujoco
+    from gymnasium.envs.mujoco import MujocoEnv
+
+    if spec.eval_env_id is None:  # a Minari env: rendered as Minari recovers it
+        return spec
+    env = evaluation.make_env(spec)
+    model = getattr(env.unwrapped, "model", None)
+    track = isinstance(env.unwrapped, MujocoEnv) and mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, "track") != -1
+    env.close()
+    return dataclasses.replace(spec, eval_env_kwargs={**spec.eval_env_kwargs, "camera_name": "track"}) if track else spec
 
 
 def check_renderer(spec: data.EnvSpec) -> float:
