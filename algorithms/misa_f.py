@@ -704,6 +704,13 @@ def resolve_args(args: Args, domain: str, rewards: np.ndarray | None = None) -> 
     return resolve_hmc_chains(args)
 
 
+def activation_bytes(args: Args) -> int:
+    """One seed's minibatch activations, roughly, for the memory check before a run (common.runlog.check_memory):
+    one minibatch's hidden layers, float32, for the K policy actions and the data action per state
+    through the twin critic, forward only (a lower bound: the backward pass keeps more)."""
+    return 4 * args.batch_size * (args.num_samples + 1) * args.hidden_dim * args.num_layers * 2
+
+
 def check_args(args: Args) -> list[str]:
     """What is wrong with this script's own combinations of settings (each setting's range is in RULES)."""
     problems = []
@@ -737,9 +744,7 @@ def main(args: Args) -> dict:
     run = runlog.Run(ALGO, args, spec, data.fingerprint(raw),
                      extra={"obs_stats": {"mean": obs_mean, "std": obs_std}})  # what act() needs besides the actor
     init_v, train_v = make_train(args, spec.obs_dim, spec.act_dim)
-    # refused when the seeds clearly cannot fit; the rough activations: one minibatch's hidden layers, float32,
-    # for the K policy actions and the data action per state through the twin critic (forward only: a lower bound)
-    runlog.check_memory(init_v, args.num_seeds, dataset, 4 * args.batch_size * (args.num_samples + 1) * args.hidden_dim * args.num_layers * 2)
+    runlog.check_memory(init_v, args.num_seeds, dataset, activation_bytes(args))  # refused if clearly too many seeds
     evaluator = evaluation.Evaluator(spec, run.seeds, args.eval_episodes)  # fails early if it cannot evaluate
 
     # --- agents: fresh, or the checkpoint of the run being resumed; the seeds spread over every local

@@ -299,6 +299,12 @@ def act(actors: Actor, obs: jax.Array, obs_mean: jax.Array, obs_std: jax.Array) 
 
 
 # ============================================================================ main
+def activation_bytes(args: Args) -> int:
+    """One seed's minibatch activations, roughly, for the memory check before a run (common.runlog.check_memory):
+    one minibatch's hidden layers, float32, through the actor and the twin critic, forward only (a lower bound: the backward pass keeps more)."""
+    return 4 * args.batch_size * args.hidden_dim * 2 * 3
+
+
 def check_args(args: Args) -> list[str]:
     """What is wrong with this script's own combinations of settings (each setting's range is in RULES)."""
     problems = []
@@ -325,9 +331,7 @@ def main(args: Args) -> dict:
     run = runlog.Run("td3_bc", args, spec, data.fingerprint(raw), step=args.policy_delay,
                      extra={"obs_stats": {"mean": obs_mean, "std": obs_std}})  # what act() needs besides the actor
     init_v, train_v = make_train(args, spec.obs_dim, spec.act_dim)
-    # refused when the seeds clearly cannot fit; the rough activations: one minibatch's hidden layers, float32,
-    # through the actor and the twin critic (forward only: a lower bound)
-    runlog.check_memory(init_v, args.num_seeds, dataset, 4 * args.batch_size * args.hidden_dim * 2 * 3)
+    runlog.check_memory(init_v, args.num_seeds, dataset, activation_bytes(args))  # refused if clearly too many seeds
     evaluator = evaluation.Evaluator(spec, run.seeds, args.eval_episodes)  # fails early if it cannot evaluate
 
     # --- agents: fresh, or the checkpoint of the run being resumed; the seeds spread over every local

@@ -364,7 +364,7 @@ def _td3_bc_memory_args(local, num_seeds):
     args = td3_bc.Args()
     init_v, _ = td3_bc.make_train(args, spec.obs_dim, spec.act_dim)
     dataset = td3_bc.Transitions(*(jnp.asarray(x) for x in (raw.obs, raw.action, raw.reward, raw.next_obs, raw.done)))
-    return init_v, num_seeds, dataset, 4 * args.batch_size * args.hidden_dim * 2 * 3
+    return init_v, num_seeds, dataset, td3_bc.activation_bytes(args)
 
 
 # --------------------------------------------------------------------------- the NaN stop names its update
