@@ -357,6 +357,20 @@ def test_too_many_seeds_for_memory_are_refused_with_how_many_fit(tiny_hopper, tm
         runlog.check_memory(*_td3_bc_memory_args(local, fit + 1))
 
 
+class FakeGpu:
+    platform = "gpu"
+
+    def memory_stats(self):
+        return {"bytes_limit": 80 << 30, "bytes_in_use": 1 << 30}
+
+
+def test_memory_limit_on_gpus_is_their_memory_summed(monkeypatch):
+    monkeypatch.setattr(runlog.jax, "local_devices", lambda: [FakeGpu(), FakeGpu()])
+    assert runlog.memory_limit() == (160 << 30, "2 GPU device(s)")
+    monkeypatch.setattr(FakeGpu, "memory_stats", lambda self: None)  # a backend that does not say: no check
+    assert runlog.memory_limit() is None
+
+
 def _td3_bc_memory_args(local, num_seeds):
     from common import data
 
@@ -407,10 +421,10 @@ def poison(module, monkeypatch, at: dict[int, int]) -> None:
     monkeypatch.setattr(module, "make_train", make_train)
 
 
-TINY_FLAGS = {"td3_bc": [], "cql": ["--num-samples", "4"],
-              "misa": ["--num-samples", "4", "--hmc-burnin", "1", "--no-cosine-schedule"]}
+MISA_TINY = ["--num-samples", "4", "--hmc-burnin", "1", "--no-cosine-schedule"]
+TINY_FLAGS = {"td3_bc": [], "cql": ["--num-samples", "4"], "misa": MISA_TINY, "misa_dv": MISA_TINY, "misa_f": MISA_TINY}
 NAN_CASES = [(td3_bc, {1: 27, 0: 30}), (td3_bc, {1: 28, 0: 29}), (td3_bc, {0: 5, 1: 9}), (cql, {1: 27, 0: 30}),
-             (misa, {1: 23, 0: 24})]
+             (misa, {1: 23, 0: 24}), (misa_dv, {0: 3, 1: 4}), (misa_f, {1: 35, 0: 36})]
 
 
 @pytest.mark.parametrize("module,at", NAN_CASES, ids=[f"{m.__name__.split('.')[-1]}-{a}" for m, a in NAN_CASES])

@@ -158,3 +158,8 @@ def test_the_nan_stop_names_the_update_and_the_seed(tmp_path, monkeypatch):
     assert "the last checkpoint (env step 100)" in message
     assert sac.updates_until(150, sac.Args(**TINY)) == 60 and OFFSET > 300
     assert sac.updates_until(99, sac.Args(**TINY)) == 0
+
+
+def test_a_seed_beyond_32_bits_trains(tmp_path):
+    run = sac.train(sac.Args(**TINY, total_steps=100, seed=2**40, run_dir=str(tmp_path / "big")))
+    assert json.loads((run / "checkpoint.json").read_text())["seeds"] == [2**40]
