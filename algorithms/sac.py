@@ -638,12 +638,11 @@ def stop_if_nonfinite(metrics: dict, seeds: list[int], updates_before: int, chun
     """The NaN stop, as in the offline scripts: a non-finite loss (or parameter) in the chunk just run ends the
     run with a UserError naming the metric, the seed and the update (counted over the run), and the checkpoint."""
     what = None
-    for name, first in metrics.pop("first_nonfinite").items():
-        first = np.asarray(first)
-        if (first < NEVER).any():
-            i = int(np.argmin(first))
-            what = f"non-finite {name} for seed {seeds[i]} at update {updates_before + int(first[i]) + 1} (env step {step})"
-            break
+    found = [(int(first[i]), name, i) for name, first in metrics.pop("first_nonfinite").items()
+             for i in [int(np.argmin(np.asarray(first)))] if first[i] < NEVER]
+    if found:  # the earliest update of any metric and seed
+        at, name, i = min(found)
+        what = f"non-finite {name} for seed {seeds[i]} at update {updates_before + at + 1} (env step {step})"
     finite = np.asarray(metrics["params_finite"])
     if what is None and not finite.all():
         what = f"non-finite parameters for seed {seeds[int(np.argmin(finite))]} by update {updates_before + chunk} (env step {step})"
