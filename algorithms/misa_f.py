@@ -189,6 +189,19 @@ class Args:
     """Adam learning rate of the Lagrange multiplier, constant (official: the critic learning rate, 3e-4)"""
 
 
+# The range of every numeric flag, checked before any work (common.runlog.check: one message, exit 2):
+# ">= x", "> x" (finite), "any" (finite), or an interval such as "(0, 1]".
+RULES = {
+    "num_seeds": ">= 1", "seed": ">= 0", "num_updates": ">= 1", "eval_every": ">= 1", "eval_episodes": ">= 1",
+    "log_every": ">= 1", "batch_size": ">= 1", "actor_lr": "> 0", "critic_lr": "> 0", "hidden_dim": ">= 1",
+    "num_layers": ">= 1", "discount": "[0, 1]", "tau": "(0, 1]", "target_entropy": "any", "reward_scale": "any",
+    "reward_bias": "any", "num_samples": ">= 1", "min_q_weight": ">= 0", "temperature": "> 0",
+    "bc_weight": ">= 0", "unbiased_weight": ">= 0", "hmc_burnin": ">= 0", "hmc_leapfrog": ">= 1", "hmc_step_size": "> 0",
+    "hmc_target_accept": "(0, 1)", "hmc_adapt_rate": ">= 0", "hmc_step_jitter": "[0, 1)", "lagrange_tau": "> 0",
+    "lagrange_init": "any", "lagrange_lr": "> 0",
+}
+
+
 def resolve_hmc_chains(args: Args) -> Args:
     """--hmc-chains auto -> the faster layout on this JAX backend: sequential on a CPU, which is FLOP-bound
     (parallel chains take 3.9x the FLOPs), parallel elsewhere: a GPU is bound by the kernels run one
@@ -682,14 +695,24 @@ def resolve_args(args: Args, domain: str, rewards: np.ndarray | None = None) -> 
         if rewards is None:
             raise ValueError("reward_norm needs the dataset's rewards")
         lo, hi = float(rewards.min()), float(rewards.max())
-        scale = 2.0 / max(hi - lo, 1e-8)
+        if not hi - lo > 1e-6 * max(1.0, abs(lo), abs(hi)):  # no range to scale by: refused, not divided by ~0
+            raise ValueError(f"--reward-norm scales the rewards to [-1, 1] by their range (max - min), and every reward of "
+                             f"this dataset is {lo:g}: give the transform yourself, e.g. --reward-scale 1 --reward-bias 0 "
+                             "keeps the rewards as they are")
+        scale = 2.0 / (hi - lo)
         args = dataclasses.replace(args, reward_scale=scale, reward_bias=-1.0 - lo * scale)
     return resolve_hmc_chains(args)
 
 
+def activation_bytes(args: Args) -> int:
+    """One seed's minibatch activations, roughly, for the memory check before a run (common.runlog.check_memory):
+    one minibatch's hidden layers, float32, for the K policy actions and the data action per state
+    through the twin critic, forward only (a lower bound: the backward pass keeps more)."""
+    return 4 * args.batch_size * (args.num_samples + 1) * args.hidden_dim * args.num_layers * 2
+
+
 def check_args(args: Args) -> list[str]:
-    """What is wrong with this script's own combinations of settings (common.runlog.check checks
-    each setting's range, for every script)."""
+    """What is wrong with this script's own combinations of settings (each setting's range is in RULES)."""
     problems = []
     if args.reward_norm and (args.reward_scale is not None or args.reward_bias is not None):
         problems.append("--reward-norm sets the reward scale and bias itself: "
@@ -699,13 +722,17 @@ def check_args(args: Args) -> list[str]:
 
 def main(args: Args) -> dict:
     from common import data, evaluation, runlog, sharding  # the runner's plumbing; nothing above needs it
+    from common.errors import UserError
 
-    runlog.check(args, check_args(args))
+    runlog.check(args, RULES, check_args(args))
 
     # --- data: the domain's reward transform, visibly here; observation normalisation is optional
     # (off in the official code); statistics are constants, outside every Module
     raw, spec = data.load(args.env, args.dataset_dir)
-    args = resolve_args(args, spec.domain, raw.reward)
+    try:
+        args = resolve_args(args, spec.domain, raw.reward)
+    except ValueError as e:  # rewards that --reward-norm cannot scale (all equal)
+        raise UserError(str(e)) from None
     if args.normalize_obs:
         obs_mean, obs_std = raw.obs.mean(0), raw.obs.std(0) + 1e-3
     else:
@@ -716,12 +743,13 @@ def main(args: Args) -> dict:
         next_obs=jnp.asarray((raw.next_obs - obs_mean) / obs_std), done=jnp.asarray(raw.done))
     run = runlog.Run(ALGO, args, spec, data.fingerprint(raw),
                      extra={"obs_stats": {"mean": obs_mean, "std": obs_std}})  # what act() needs besides the actor
+    init_v, train_v = make_train(args, spec.obs_dim, spec.act_dim)
+    runlog.check_memory(init_v, args.num_seeds, dataset, activation_bytes(args))  # refused if clearly too many seeds
     evaluator = evaluation.Evaluator(spec, run.seeds, args.eval_episodes)  # fails early if it cannot evaluate
 
     # --- agents: fresh, or the checkpoint of the run being resumed; the seeds spread over every local
-    # device (e.g. the GPUs of one host; a no-op on one device)
-    init_v, train_v = make_train(args, spec.obs_dim, spec.act_dim)
-    keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.asarray(run.seeds))
+    # device (e.g. the GPUs of one host; a no-op on one device); keys from seeds of any size
+    keys = runlog.seed_keys(run.seeds)
     start = run.start({"state": init_v(keys[:, 0]), "keys": keys[:, 1]})
     dataset, state, keys = sharding.shard_seeds(args.num_seeds, dataset, start["state"], start["keys"])
     train = run.compile(train_v, dataset, state, keys)

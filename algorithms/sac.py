@@ -114,25 +114,32 @@ class Args:
     """entropy target of the automatic temperature tuning (default -act_dim)"""
 
 
+# The range of every numeric flag, checked before any work (common.runlog.check: one message, exit 2):
+# ">= x", "> x" (finite), "any" (finite), or an interval such as "(0, 1]".
+RULES = {
+    "num_seeds": ">= 1", "seed": ">= 0", "total_steps": ">= 1", "learning_starts": ">= 0", "checkpoint_every": ">= 1",
+    "eval_episodes": ">= 1", "batch_size": ">= 1", "actor_lr": "> 0", "critic_lr": "> 0", "alpha_lr": "> 0",
+    "hidden_dim": ">= 1", "update_every": ">= 1", "discount": "[0, 1]", "tau": "(0, 1]", "init_alpha": "> 0",
+    "target_entropy": "any",
+}
+NEVER = jnp.iinfo(jnp.int32).max  # first non-finite update of a metric that stayed finite
+
+
 def check_args(args: Args) -> None:
+    """Every setting's range (RULES) and this script's combinations of them: one UserError listing all."""
     problems = []
-    if args.num_seeds < 1:
-        problems.append("--num-seeds must be >= 1")
-    if args.checkpoint_every % args.update_every:
+    if args.update_every >= 1 and args.checkpoint_every >= 1 and args.checkpoint_every % args.update_every:
         problems.append(f"--checkpoint-every ({args.checkpoint_every}) must be a multiple of --update-every ({args.update_every})")
-    if args.total_steps % args.checkpoint_every:
+    if args.checkpoint_every >= 1 and args.total_steps >= 1 and args.total_steps % args.checkpoint_every:
         problems.append(f"--total-steps ({args.total_steps}) must be a multiple of --checkpoint-every ({args.checkpoint_every})")
     if args.learning_starts < args.batch_size:
         problems.append(f"--learning-starts ({args.learning_starts}) must be >= --batch-size ({args.batch_size})")
-    if args.resume and args.run_dir is None:
-        problems.append("--resume needs --run-dir pointing at the interrupted run")
     try:
         if not isinstance(json.loads(args.env_kwargs), dict):
             raise ValueError
     except ValueError:
         problems.append(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
-    if problems:
-        raise UserError("invalid arguments:\n  " + "\n  ".join(problems))
+    runlog.check(args, RULES, problems)
 
 
 # ============================================================================ Networks
@@ -307,9 +314,11 @@ def _make_train(args: Args, obs_dim: int, act_dim: int):
         (arrays, key), metrics = jax.lax.scan(step, (arrays, key), batches)
         state = eqx.combine(arrays, static)
         leaves = jax.tree.leaves(eqx.filter(state, eqx.is_inexact_array))
+        # each metric's first non-finite update of the chunk (from 0; NEVER if none), for the NaN stop
+        first = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x).all(), NEVER, jnp.argmax(~jnp.isfinite(x))), metrics)
         metrics = jax.tree.map(lambda x: x.mean(), metrics)
         metrics["params_finite"] = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
-        return state, key, metrics
+        return state, key, {**metrics, "first_nonfinite": first}
 
     def policy(actor: Actor, obs: jax.Array, key: jax.Array):
         key, sub = jax.random.split(key)
@@ -474,7 +483,7 @@ def train(args: Args) -> Path:
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
 
     init_v, train_v, policy_v = make_train(args, obs_dim, act_dim)
-    keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s), 3))(jnp.asarray(seeds))
+    keys = runlog.seed_keys(seeds, 3)  # PRNGKey(seed) split in 3, for seeds of any size
     state, act_keys, train_keys = init_v(keys[:, 0]), keys[:, 1], keys[:, 2]
     rngs = [np.random.default_rng([s, 1]) for s in seeds]  # uniform warm-up actions + minibatch indices
 
@@ -564,6 +573,8 @@ def train(args: Args) -> Path:
         if step >= args.learning_starts and step % args.update_every == 0:
             batches = sample_batches(buf, step, rngs, args.update_every, args.batch_size)
             state, train_keys, metrics = train_v(state, jax.tree.map(jnp.asarray, batches), train_keys)
+            stop_if_nonfinite(metrics, seeds, updates_until(step, args) - args.update_every, args.update_every, step,
+                              saved_until, run_dir)
             chunk_metrics.append(metrics)
 
         # --- checkpoint: evaluate, save the policy, the new transitions and everything to resume
@@ -571,8 +582,7 @@ def train(args: Args) -> Path:
             train_metrics = {}
             if chunk_metrics:
                 stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs], axis=1), *chunk_metrics)
-                if not stacked.pop("params_finite").all():
-                    raise SystemExit(f"non-finite parameters by env step {step}; the last good checkpoint is in {run_dir}")
+                stacked.pop("params_finite")  # (checked after each chunk)
                 train_metrics = {k: v.mean(axis=1) for k, v in stacked.items()}
                 chunk_metrics = []
             recent = [[r for (s_end, r, _) in eps if s_end > step - args.checkpoint_every] for eps in host["episodes"]]
@@ -614,6 +624,37 @@ def train(args: Args) -> Path:
         env.close()
     run.close()
     return run_dir
+
+
+def updates_until(step: int, args: Args) -> int:
+    """Updates each agent has made by the end of env step `step`: a chunk of update_every at every
+    multiple of update_every from learning_starts on."""
+    first = max(args.learning_starts, 1)
+    return max(0, step // args.update_every - (first - 1) // args.update_every) * args.update_every
+
+
+def stop_if_nonfinite(metrics: dict, seeds: list[int], updates_before: int, chunk: int, step: int, checkpoint: int,
+                      run_dir: Path) -> None:
+    """The NaN stop, as in the offline scripts: a non-finite loss (or parameter) in the chunk just run ends the
+    run with a UserError naming the metric, the seed and the update (counted over the run), and the checkpoint."""
+    what = None
+    found = [(int(first[i]), name, i) for name, first in metrics.pop("first_nonfinite").items()
+             for i in [int(np.argmin(np.asarray(first)))] if first[i] < NEVER]
+    if found:  # the earliest update of any metric and seed
+        at, name, i = min(found)
+        what = f"non-finite {name} for seed {seeds[i]} at update {updates_before + at + 1} (env step {step})"
+    finite = np.asarray(metrics["params_finite"])
+    if what is None and not finite.all():
+        what = f"non-finite parameters for seed {seeds[int(np.argmin(finite))]} by update {updates_before + chunk} (env step {step})"
+    if what is None:
+        return
+    if checkpoint:
+        act = (f"the last checkpoint (env step {checkpoint}) is in {run_dir}, but a resume keeps its settings: start a "
+               "new run with other settings (e.g. a lower --critic-lr, a larger --batch-size)")
+    else:
+        act = ("no checkpoint was written yet. Start again with other settings (e.g. a lower --critic-lr, a larger "
+               "--batch-size)")
+    raise UserError(f"{what}. Training stopped; {act}.")
 
 
 # ============================================================================ Run-directory readers

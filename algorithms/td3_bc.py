@@ -99,6 +99,15 @@ class Args:
     """standardise observations with the dataset's mean and std"""
 
 
+# The range of every numeric flag, checked before any work (common.runlog.check: one message, exit 2):
+# ">= x", "> x" (finite), or an interval such as "(0, 1]".
+RULES = {
+    "num_seeds": ">= 1", "seed": ">= 0", "num_updates": ">= 1", "eval_every": ">= 1", "eval_episodes": ">= 1",
+    "log_every": ">= 1", "batch_size": ">= 1", "actor_lr": "> 0", "critic_lr": "> 0", "hidden_dim": ">= 1",
+    "alpha": ">= 0", "discount": "[0, 1]", "tau": "(0, 1]", "policy_noise": ">= 0", "noise_clip": ">= 0",
+    "policy_delay": ">= 1",
+}
+
 NEVER = jnp.iinfo(jnp.int32).max  # first non-finite step of a metric that stayed finite
 
 
@@ -223,7 +232,9 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
         actor_opt=actor_opt,
         critic_opt=critic_opt,
     )
-    metrics = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *critic_metrics)
+    # the critic's metrics one per update, (policy_delay,) each, so that a NaN is named at its own update;
+    # the actor's belong to the step's last update
+    metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *critic_metrics)
     return state, {**metrics, **actor_metrics}
 
 
@@ -234,8 +245,9 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
     train_chunk runs `num_updates` updates per agent in a loop (one step = `policy_delay` updates). The count is traced, so one
     compiled program serves every chunk length; the dataset is an argument shared by all seeds
     (in_axes None), never closed over, so it is not baked into the program. It returns each training
-    metric's mean over the chunk and the first loop step at which it was not finite (NEVER if none),
-    so that a NaN is reported at its update without keeping every step's values."""
+    metric's mean over the chunk and the first update of the chunk (counted from 0, in updates, not
+    loop steps) at which it was not finite (NEVER if none), so that a NaN is reported at its update
+    without keeping every step's values."""
     opt = Optimisers(actor=optax.adam(args.actor_lr), critic=optax.adam(args.critic_lr))
 
     def init(key: jax.Array) -> AgentState:
@@ -250,15 +262,21 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
         arrays, static = eqx.partition(state, eqx.is_array)  # the loop carries arrays only
         steps = num_updates // args.policy_delay
         _, shapes = eqx.filter_eval_shape(update, state, dataset, key, args, opt)
-        sums = jax.tree.map(lambda s: jnp.zeros(jnp.shape(s), getattr(s, "dtype", jnp.float32)), shapes)  # (some are floats)
+        sums = jax.tree.map(lambda s: jnp.zeros((), getattr(s, "dtype", jnp.float32)), shapes)  # (some are floats)
         first = jax.tree.map(lambda s: jnp.int32(NEVER), shapes)
+
+        def first_update(i, m):  # the update (from 0) of m's first non-finite value in loop step i, or NEVER
+            bad = ~jnp.isfinite(jnp.atleast_1d(m))  # (policy_delay,) for the critic's metrics, (1,) for the actor's
+            at = i * args.policy_delay + args.policy_delay - bad.size + jnp.argmax(bad)  # the actor's: the step's last
+            return jnp.where(bad.any(), at, NEVER)
 
         def step(i, carry):
             arrays, key, sums, first = carry
             key, sub = jax.random.split(key)
             state, metrics = update(eqx.combine(arrays, static), dataset, sub, args, opt)
-            first = jax.tree.map(lambda f, m: jnp.where((f == NEVER) & ~jnp.isfinite(m), i, f), first, metrics)
-            return eqx.filter(state, eqx.is_array), key, jax.tree.map(jnp.add, sums, metrics), first
+            first = jax.tree.map(lambda f, m: jnp.where(f == NEVER, first_update(i, m), f), first, metrics)
+            sums = jax.tree.map(lambda s, m: s + jnp.mean(m), sums, metrics)
+            return eqx.filter(state, eqx.is_array), key, sums, first
 
         arrays, key, sums, first = jax.lax.fori_loop(0, steps, step, (arrays, key, sums, first))
         state = eqx.combine(arrays, static)
@@ -281,9 +299,14 @@ def act(actors: Actor, obs: jax.Array, obs_mean: jax.Array, obs_std: jax.Array) 
 
 
 # ============================================================================ main
+def activation_bytes(args: Args) -> int:
+    """One seed's minibatch activations, roughly, for the memory check before a run (common.runlog.check_memory):
+    one minibatch's hidden layers, float32, through the actor and the twin critic, forward only (a lower bound: the backward pass keeps more)."""
+    return 4 * args.batch_size * args.hidden_dim * 2 * 3
+
+
 def check_args(args: Args) -> list[str]:
-    """What is wrong with this script's own combinations of settings (common.runlog.check checks
-    each setting's range, for every script)."""
+    """What is wrong with this script's own combinations of settings (each setting's range is in RULES)."""
     problems = []
     if args.policy_delay >= 1 and any(n % args.policy_delay for n in (args.log_every, args.eval_every, args.num_updates)):
         problems.append(f"--log-every, --eval-every and --num-updates must be multiples of --policy-delay ({args.policy_delay})")
@@ -293,7 +316,7 @@ def check_args(args: Args) -> list[str]:
 def main(args: Args) -> dict:
     from common import data, evaluation, runlog, sharding  # the runner's plumbing; nothing above needs it
 
-    runlog.check(args, check_args(args))
+    runlog.check(args, RULES, check_args(args))
 
     # --- data (observation statistics are constants: they live outside every Module)
     raw, spec = data.load(args.env, args.dataset_dir)
@@ -307,12 +330,13 @@ def main(args: Args) -> dict:
         done=jnp.asarray(raw.done))
     run = runlog.Run("td3_bc", args, spec, data.fingerprint(raw), step=args.policy_delay,
                      extra={"obs_stats": {"mean": obs_mean, "std": obs_std}})  # what act() needs besides the actor
+    init_v, train_v = make_train(args, spec.obs_dim, spec.act_dim)
+    runlog.check_memory(init_v, args.num_seeds, dataset, activation_bytes(args))  # refused if clearly too many seeds
     evaluator = evaluation.Evaluator(spec, run.seeds, args.eval_episodes)  # fails early if it cannot evaluate
 
     # --- agents: fresh, or the checkpoint of the run being resumed; the seeds spread over every local
-    # device (e.g. the GPUs of one host; a no-op on one device)
-    init_v, train_v = make_train(args, spec.obs_dim, spec.act_dim)
-    keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(jnp.asarray(run.seeds))
+    # device (e.g. the GPUs of one host; a no-op on one device); keys from seeds of any size
+    keys = runlog.seed_keys(run.seeds)
     start = run.start({"state": init_v(keys[:, 0]), "keys": keys[:, 1]})
     dataset, state, keys = sharding.shard_seeds(args.num_seeds, dataset, start["state"], start["keys"])
     train = run.compile(train_v, dataset, state, keys)

@@ -50,6 +50,8 @@ class Config:
     """bootstrap resamples per confidence interval (rliable's stratified bootstrap)"""
     seed: int = 0
     """seed of the bootstrap resampling, so that the report is reproducible"""
+    skip_bad: bool = False
+    """report the summaries that can be read, with a warning naming each one that cannot (default: refuse)"""
 
 
 def command_line(cfg: Config) -> str:
@@ -58,11 +60,51 @@ def command_line(cfg: Config) -> str:
     return shlex.join(["python", "benchmarks/report.py", *flags, "--reps", str(cfg.reps), "--seed", str(cfg.seed)])
 
 
-def load_summaries(results: Path) -> dict[str, list[dict]]:
+# what the report reads from every summary (sweep.py writes them all), and the type each must have
+REQUIRED = {"sweep": str, "label": str, "dataset": str, "algo": str, "metric": str, "command": str, "machine": str,
+            "args": dict, "curve": dict, "final_per_seed": list, "episodes_per_seed": int,
+            "final_mean": (int, float), "final_std": (int, float), "wall_time_s": (int, float)}
+
+
+def summary_problem(path: Path) -> tuple[dict | None, str | None]:
+    """(the summary in `path`, None), or (None, what is wrong with it)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"cannot be read ({e})"
+    if not text.strip():
+        return None, "is empty"
+    try:
+        s = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"is not valid JSON (truncated?): {e}"
+    if not isinstance(s, dict):
+        return None, f"holds a JSON {type(s).__name__}, not an object (a run summary)"
+    missing = [k for k in REQUIRED if k not in s]
+    if missing:
+        return None, f"lacks {', '.join(missing)}"
+    wrong = [f"{k} ({type(s[k]).__name__})" for k, t in REQUIRED.items() if isinstance(s[k], bool) or not isinstance(s[k], t)]
+    if wrong:
+        return None, f"has values of the wrong type: {', '.join(wrong)}"
+    return s, None
+
+
+def load_summaries(results: Path, skip_bad: bool = False) -> dict[str, list[dict]]:
+    """Every summary under results/summaries, by sweep. A bad one (empty, truncated, not a summary) ends the
+    report with one message naming each, or, with `skip_bad`, a warning and the report of the rest."""
     by_sweep: dict[str, list[dict]] = defaultdict(list)
+    bad = []
     for path in sorted((results / "summaries").glob("*/*.json")):
-        s = json.loads(path.read_text())
-        by_sweep[s["sweep"]].append(s)
+        s, problem = summary_problem(path)
+        if problem:
+            bad.append(f"{path} {problem}")
+        else:
+            by_sweep[s["sweep"]].append(s)
+    if bad and not skip_bad:
+        raise SystemExit("error: bad run summaries (rerun their runs with benchmarks/sweep.py, delete them, or pass "
+                         "--skip-bad to report the rest):\n  " + "\n  ".join(bad))
+    for line in bad:
+        print(f"warning: skipped {line}", file=sys.stderr)
     return by_sweep
 
 
@@ -417,7 +459,7 @@ def main(cfg: Config) -> None:
     results = ROOT / cfg.results
     if not (results / "summaries").is_dir():
         raise SystemExit(f"no summaries folder in {results}: give --results the folder that holds summaries/")
-    by_sweep = load_summaries(results)
+    by_sweep = load_summaries(results, cfg.skip_bad)
     order = [n for n in sweeps.SWEEPS if n in by_sweep] + sorted(set(by_sweep) - set(sweeps.SWEEPS))
     diagnostic = lambda n: bool(sweeps.SWEEPS.get(n) and sweeps.SWEEPS[n].diagnostic)
     main_sweeps = [n for n in order if not is_smoke(n, by_sweep[n]) and not diagnostic(n)]

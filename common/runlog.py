@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -77,39 +78,60 @@ FIRST_CHUNK = 10  # updates in a run's first chunk: a rate and an ETA within sec
 
 
 # --------------------------------------------------------------------------- arguments
-def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v >= low), f"at least {low:g}"
+# A script declares the range of each of its numeric flags next to its Args, as plain strings (so
+# that an algorithm file copied alone still needs nothing from here):
+#     RULES = {"batch_size": ">= 1", "actor_lr": "> 0", "discount": "[0, 1]", "tau": "(0, 1]", "target_entropy": "any"}
+# ">= x" and "> x" bound from below and ask for a finite number, "[a, b]" / "(a, b]" / "[a, b)" /
+# "(a, b)" are intervals (with an infinite end, "[-inf, inf]", infinity is allowed), "any" is any
+# finite number. NaN is always refused; None, where a field allows it, always passes (it means "the
+# domain's preset decides").
+_BOUND = re.compile(r"^(>=|>)\s*(\S+)$")
+_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
 
 
-_POSITIVE = ((lambda v: v > 0 and math.isfinite(v)), "positive and finite")
-_UNIT = ((lambda v: 0 <= v <= 1), "in [0, 1]")
-# Constraints on the Args fields of every script, declared once, by field name (a script checks the
-# fields it has; None, where a field allows it, means "the domain's preset decides").
-FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **dict.fromkeys(["num_seeds", "num_updates", "log_every", "eval_every", "eval_episodes", "batch_size",
-                     "hidden_dim", "num_layers", "policy_delay", "num_samples", "hmc_leapfrog", "total_steps",
-                     "checkpoint_every", "update_every"], _at_least(1)),
-    **dict.fromkeys(["seed", "hmc_burnin", "bc_steps", "learning_starts", "min_q_weight", "bc_weight",
-                     "unbiased_weight", "hmc_adapt_rate", "policy_noise", "noise_clip", "alpha"], _at_least(0)),
-    **dict.fromkeys(["actor_lr", "critic_lr", "alpha_lr", "lagrange_lr", "hmc_step_size", "temperature",
-                     "init_alpha", "lagrange_tau", "lagrange_gap"], _POSITIVE),
-    "discount": _UNIT,
-    "tau": ((lambda v: 0 < v <= 1), "in (0, 1]"),
-    "hmc_target_accept": ((lambda v: 0 < v < 1), "in (0, 1)"),
-    "hmc_step_jitter": ((lambda v: 0 <= v < 1), "in [0, 1)"),
-}
+def rule(text: str) -> tuple[Callable[[Any], bool], str]:
+    """The test and the wording ("at least 1", "in (0, 1]") of one declared range (see RULES above).
+    The tests compare, never convert to float: a seed may exceed a float's range."""
+    if text == "any":
+        return (lambda v: -math.inf < v < math.inf), "a finite number"
+    if m := _BOUND.match(text):
+        op, low = m.group(1), float(m.group(2))
+        if op == ">=":
+            return (lambda v: low <= v < math.inf), f"at least {low:g}"
+        return (lambda v: low < v < math.inf), ("positive and finite" if low == 0 else f"greater than {low:g}")
+    if m := _INTERVAL.match(text):
+        left, low, high, right = m.group(1), float(m.group(2)), float(m.group(3)), m.group(4)
+        above = (lambda v: v >= low) if left == "[" else (lambda v: v > low)
+        below = (lambda v: v <= high) if right == "]" else (lambda v: v < high)
+        return (lambda v: above(v) and below(v)), f"in {left}{low:g}, {high:g}{right}"
+    raise ValueError(f"not a range: {text!r} (use '>= x', '> x', '[a, b]', '(a, b]', '[a, b)', '(a, b)' or 'any')")
+
+
+def range_problems(args: Any, rules: dict[str, str]) -> list[str]:
+    """One line per field of `args` outside its declared range (fields set to None pass)."""
+    values = dataclasses.asdict(args)
+    unknown = sorted(set(rules) - set(values))
+    if unknown:  # a typo in a script's RULES: the script's bug, not the user's
+        raise ValueError(f"RULES names fields that {type(args).__name__} does not have: {unknown}")
+    bad = []
+    for name, text in rules.items():
+        v, (ok, what) = values[name], rule(text)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            bad.append(f"{flag(name)} must be {what}, got {v}")
+    return bad
 
 
 def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def check(args: Any, problems: list[str] = ()) -> None:
-    """Raise one UserError listing every argument that breaks FIELD_RULES, plus the script's own
-    `problems` (relations between its fields)."""
+def check(args: Any, rules: dict[str, str], problems: list[str] = ()) -> None:
+    """Raise one UserError listing every argument outside its range in the script's `rules` (its
+    RULES, declared beside its Args), plus the script's own `problems` (relations between its fields)."""
     values = dataclasses.asdict(args)
-    bad = [f"{flag(k)} must be {what}, got {values[k]}" for k, (ok, what) in FIELD_RULES.items()
-           if values.get(k) is not None and not (isinstance(values[k], (int, float)) and ok(values[k]))]
+    bad = range_problems(args, rules)
     if values.get("resume") and values.get("run_dir") is None:
         bad.append("--resume needs --run-dir pointing at the interrupted run")
     unknown = [f for f in values.get("allow_change") or [] if f.replace("-", "_") not in values]
@@ -133,6 +155,72 @@ def cli(main: Callable[[Any], Any], args_type: type, replaced: dict[str, str] | 
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# --------------------------------------------------------------------------- seeds and memory
+_U32 = 0xFFFFFFFF
+
+
+def seed_key(seed: int) -> np.ndarray:
+    """The raw (uint32[2]) key of any integer seed >= 0: [bits 32-63, bits 0-31], which is exactly
+    `jax.random.PRNGKey(seed)` wherever that works (seeds below 2**31; recorded runs keep their keys),
+    and beyond 2**64 each further 32 bits are folded in, so that every seed a user can type is its own key."""
+    key = np.asarray([(seed >> 32) & _U32, seed & _U32], np.uint32)
+    rest = seed >> 64
+    while rest:
+        key = np.asarray(jax.random.fold_in(key, rest & _U32))
+        rest >>= 32
+    return key
+
+
+def seed_keys(seeds: list[int], parts: int = 2) -> jax.Array:
+    """(S, parts, 2): `jax.random.split(PRNGKey(seed), parts)` for each seed, for seeds of any size
+    (built on the host: jnp.asarray(seeds) overflows int32 from 2**31 on)."""
+    return jax.vmap(lambda k: jax.random.split(k, parts))(jnp.asarray(np.stack([seed_key(s) for s in seeds])))
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+
+
+def memory_limit() -> tuple[int, str] | None:
+    """(bytes, what) of the memory a run's arrays can live in: the devices' own memory on a GPU
+    (summed over the local devices the seeds spread over), the machine's physical memory on a CPU
+    (the total, not what is free now: a refusal must not depend on what else runs); None if unknown."""
+    devices = jax.local_devices()
+    if devices[0].platform != "cpu":
+        try:
+            stats = [d.memory_stats() or {} for d in devices]
+            limit = sum(int(s["bytes_limit"]) for s in stats)
+            return limit, f"{len(devices)} {devices[0].platform.upper()} device(s)"
+        except (KeyError, TypeError, AttributeError, RuntimeError):
+            return None
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine's RAM"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(init: Callable, num_seeds: int, dataset: Any, activations_per_seed: int) -> None:
+    """Refuse a run whose seeds clearly cannot fit in memory, before anything is allocated or compiled.
+    The estimate is a lower bound: the dataset once, each seed's agent state twice (a chunk's input and
+    output; exact, from `init`'s shapes, not run) and `activations_per_seed` bytes (the script's rough
+    count of one minibatch's activations). It refuses only when that bound exceeds the memory there is."""
+    limit = memory_limit()
+    if limit is None:
+        return
+    available, where = limit
+    state = eqx.filter_eval_shape(init, jax.ShapeDtypeStruct((num_seeds, 2), jnp.uint32))
+    per_seed = 2 * _nbytes(state) / num_seeds + activations_per_seed
+    data_bytes = _nbytes(dataset)
+    need = data_bytes + num_seeds * per_seed
+    if need > available:
+        fit = max(0, int((available - data_bytes) // per_seed))
+        gib = lambda b: f"{b / 2**30:.1f} GiB"
+        raise UserError(f"--num-seeds {num_seeds} needs at least {gib(need)} of memory ({gib(per_seed)} per seed: its "
+                        f"agent state twice and one minibatch's activations; the dataset {gib(data_bytes)}), and "
+                        f"{where} hold {gib(available)}: at most {fit} seeds fit at these settings. Use fewer seeds "
+                        "(several runs with --seed apart), or smaller --hidden-dim / --batch-size.")
 
 
 # --------------------------------------------------------------------------- files

@@ -149,3 +149,44 @@ def test_non_mujoco_env_has_no_qpos():
     assert "infos/qpos" not in cols
     assert not cols["terminals"].any() and cols["timeouts"].sum() == 3  # 200-step limit twice, then the cut
     assert np.abs(cols["actions"]).max() <= 1.0  # Pendulum's [-2, 2] is rescaled to [-1, 1]
+
+
+MAKE_FLAG_CASES = [
+    (["--sac-steps", "0"], "--sac-steps must be at least 1"),
+    (["--sac-steps", "-100"], "--sac-steps must be at least 1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+    (["--checkpoint-every", "-100"], "--checkpoint-every must be at least 1"),
+    (["--eval-episodes", "0"], "--eval-episodes must be at least 1"),
+    (["--transitions", "1"], "--transitions must be at least 2"),
+    (["--medium-fraction", "1"], "--medium-fraction must be in (0, 1)"),
+    (["--ref-episodes", "0"], "--ref-episodes must be at least 1"),
+    (["--sac-steps", "450"], "--sac-steps (450) must be a multiple of --checkpoint-every (100)"),
+    (["--medium-step", "150"], "--medium-step must be a multiple of --checkpoint-every"),
+    (["--splits", "medum"], "unknown split 'medum'"),
+]
+
+
+@pytest.mark.parametrize("flags,message", MAKE_FLAG_CASES, ids=[" ".join(f) for f, _ in MAKE_FLAG_CASES])
+def test_bad_flags_are_one_message_before_any_work(flags, message, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from common import runlog
+
+    monkeypatch.setattr(sys, "argv", ["make_dataset.py", "--env", ENV, "--sac-steps", "400", "--checkpoint-every", "100",
+                                      "--sac-learning-starts", "100", "--sac-batch-size", "32", *flags,
+                                      "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        runlog.cli(make_dataset.main, make_dataset.Args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert err.startswith("error: invalid arguments") and message in err, err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_tools_ranges_sit_beside_its_args():
+    from test_runs import numeric_fields
+
+    assert set(make_dataset.RULES) == numeric_fields(make_dataset.Args)
+    from tools import evaluate
+
+    assert set(evaluate.RULES) == numeric_fields(evaluate.Args)

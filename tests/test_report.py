@@ -218,3 +218,32 @@ def test_every_sweep_command_parses_with_its_script():
             algo, *flags = shlex.split(variant)
             args_type = importlib.import_module(f"algorithms.{algo}").Args
             tyro.cli(args_type, args=flags + shlex.split(sw.common_flags))  # raises SystemExit on an unknown flag
+
+
+BAD_SUMMARIES = [("empty", "", "is empty"),
+                 ("truncated", '{"sweep": "mine", "label": "td3', "is not valid JSON (truncated?)"),
+                 ("list", "[1, 2, 3]", "holds a JSON list, not an object"),
+                 ("no_final_mean", None, "lacks final_mean"),
+                 ("string_mean", "string", "has values of the wrong type: final_mean (str)")]
+
+
+@pytest.mark.parametrize("name,text,message", BAD_SUMMARIES, ids=[b[0] for b in BAD_SUMMARIES])
+def test_a_bad_summary_is_named_or_skipped(name, text, message, tmp_path, capsys):
+    """One message naming the bad file and what is wrong with it (exit non-zero, no traceback); with
+    --skip-bad, a warning naming it and the report of the rest."""
+    good = summary("td3_bc", "td3_bc", "hopper-medium-v2", [50.0, 60.0])
+    write_summaries(tmp_path, [good])
+    bad = tmp_path / "summaries" / "mine" / f"{name}.json"
+    if text is None:
+        text = json.dumps({k: v for k, v in good.items() if k != "final_mean"})
+    elif text == "string":
+        text = json.dumps({**good, "final_mean": "55"})
+    bad.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        report.main(report.Config(results=str(tmp_path), reps=10))
+    assert e.value.code not in (0, None) and f"{bad} {message}" in str(e.value), e.value
+    assert not (tmp_path / "README.md").exists()
+    capsys.readouterr()
+    report.main(report.Config(results=str(tmp_path), reps=10, skip_bad=True))
+    assert f"warning: skipped {bad} {message}" in capsys.readouterr().err
+    assert "55.0 ± 5.0" in (tmp_path / "README.md").read_text()

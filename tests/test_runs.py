@@ -15,11 +15,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dataclasses
+import typing
+
 import h5py
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from algorithms import td3_bc
+from algorithms import cql, misa, misa_dv, misa_f, sac, td3_bc
 from common import runlog
 from common.data import write_d4rl_hdf5
 
@@ -116,6 +121,8 @@ def write_bad(path: Path, how: str) -> Path:
         del arrays["terminals"]
     elif how == "unknown_env":
         meta = {"env_id": "Hoppper-v5"}
+    elif how == "constant_reward":
+        arrays["rewards"][:] = 1.0
     write_d4rl_hdf5(path, arrays, meta)
     if how == "group":
         with h5py.File(path, "a") as f:
@@ -139,6 +146,8 @@ FLAG_CASES = [
     (["--eval-episodes", "0"], "--eval-episodes must be at least 1"),
     (["--policy-delay", "0"], "--policy-delay must be at least 1"),
     (["--seed", "-1"], "--seed must be at least 0"),
+    (["--alpha", "inf"], "--alpha must be at least 0"),
+    (["--policy-noise", "-0.1"], "--policy-noise must be at least 0"),
     (["--num-seeds", "0"], "--num-seeds must be at least 1"),
     (["--num-updates", "1001"], "multiples of --policy-delay"),
     (["--resume"], "--resume needs --run-dir"),
@@ -252,3 +261,183 @@ def test_a_refused_run_prints_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "algorithms" / "cql.py"), "--env", "hopper-medum-v2"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "Did you mean: hopper-medium-v2" in out.stderr
+
+
+# --------------------------------------------------------------------------- declared ranges
+SCRIPTS = [td3_bc, cql, misa, misa_dv, misa_f, sac]
+
+
+def numeric_fields(args_type: type) -> set[str]:
+    hints = typing.get_type_hints(args_type)
+    return {f.name for f in dataclasses.fields(args_type)
+            if {int, float} & set(typing.get_args(hints[f.name]) or (hints[f.name],))}
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__.split(".")[-1])
+def test_every_numeric_flag_declares_its_range_beside_its_args(module):
+    """A flag's range sits next to the flag (RULES after Args): every int and float field has one, RULES names
+    no other field, each entry is a range runlog understands, and the defaults are inside their ranges."""
+    assert set(module.RULES) == numeric_fields(module.Args)
+    for text in module.RULES.values():
+        runlog.rule(text)
+    runlog.check(module.Args(), module.RULES)
+    assert not hasattr(runlog, "FIELD_RULES")
+
+
+MISA_FLAG_CASES = [
+    (["--hmc-step-jitter", "1"], "--hmc-step-jitter must be in [0, 1)"),
+    (["--hmc-step-jitter", "-0.1"], "--hmc-step-jitter must be in [0, 1)"),
+    (["--hmc-target-accept", "1"], "--hmc-target-accept must be in (0, 1)"),
+    (["--hmc-leapfrog", "0"], "--hmc-leapfrog must be at least 1"),
+    (["--lagrange-tau", "0"], "--lagrange-tau must be positive"),
+    (["--reward-scale", "nan"], "--reward-scale must be a finite number"),
+    (["--num-layers", "0"], "--num-layers must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("module", [misa, misa_dv, misa_f], ids=lambda m: m.__name__.split(".")[-1])
+@pytest.mark.parametrize("flags,message", MISA_FLAG_CASES, ids=[" ".join(f) for f, _ in MISA_FLAG_CASES])
+def test_misa_flags_are_refused_before_any_work(module, flags, message, tmp_path, monkeypatch, capsys):
+    err = cli_error([*flags, "--run-dir", str(tmp_path / "run")], monkeypatch, capsys, module)
+    assert message in err and err.startswith("error: invalid arguments")
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_problem_is_in_the_one_message(tmp_path, monkeypatch, capsys):
+    err = cli_error(["--batch-size", "0", "--tau", "0", "--discount", "2", "--run-dir", str(tmp_path / "run")],
+                    monkeypatch, capsys)
+    assert err.count("must be") == 3 and len(err.strip().splitlines()) == 4, err
+
+
+@pytest.mark.parametrize("module", [cql, misa], ids=["cql", "misa"])
+def test_reward_norm_of_constant_rewards_is_refused(module, tmp_path, monkeypatch, capsys):
+    """Scaling rewards to [-1, 1] by their range is undefined when every reward is the same: refused, naming
+    the reward and the explicit transform to use instead, before any run directory is made."""
+    env = str(write_bad(tmp_path / "constant.hdf5", "constant_reward"))
+    err = cli_error(["--env", env, "--reward-norm", "True", "--run-dir", str(tmp_path / "run")], monkeypatch, capsys, module)
+    assert "every reward of this dataset is 1" in err and "--reward-scale 1 --reward-bias 0" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- seeds of any size
+def test_seed_keys_are_prngkeys_and_every_seed_is_its_own():
+    ordinary = [0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1]
+    np.testing.assert_array_equal(runlog.seed_keys(ordinary),
+                                  jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s)))(
+                                      jnp.asarray(ordinary, jnp.uint32)))  # recorded runs keep their keys
+    big = [0, 2**32, 2**40, 2**64 - 1, 2**64, 2**64 + 2**32, 2**100]
+    raw = {tuple(runlog.seed_key(s)) for s in big}
+    assert len(raw) == len(big)  # PRNGKey(2**32) without 64-bit jax is PRNGKey(0); these are all different
+
+
+@pytest.mark.parametrize("seed,num_seeds", [(2**31 - 1, 2), (2**32, 1), (2**40, 1)])
+def test_seeds_near_the_integer_limits_train(seed, num_seeds, tiny_hopper, tmp_path):
+    _, local = tiny_hopper
+    results = td3_bc.main(small(tmp_path / "run", local, seed=seed, num_seeds=num_seeds, num_updates=10,
+                                eval_every=10, log_every=10))
+    assert results["seeds"] == [seed + i for i in range(num_seeds)]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["args"]["seed"] == seed
+
+
+# --------------------------------------------------------------------------- memory
+def test_too_many_seeds_for_memory_are_refused_with_how_many_fit(tiny_hopper, tmp_path, monkeypatch, capsys):
+    _, local = tiny_hopper
+    # at full width, a million TD3+BC agents need terabytes: more than any machine's memory
+    err = cli_error(["--env", str(local), "--num-seeds", "1000000", "--run-dir", str(tmp_path / "run")],
+                    monkeypatch, capsys)
+    assert "--num-seeds 1000000 needs at least" in err and "seeds fit at these settings" in err, err
+    assert not (tmp_path / "run").exists()
+    # the number that fits is the one the estimate allows: with 100 MiB, refused at 1000 seeds, not at 2
+    monkeypatch.setattr(runlog, "memory_limit", lambda: (100 << 20, "a 100 MiB test device"))
+    err = cli_error(["--env", str(local), "--num-seeds", "1000", "--run-dir", str(tmp_path / "run")], monkeypatch, capsys)
+    fit = int(err.split("at most ")[1].split(" seeds")[0])
+    assert 2 <= fit < 1000 and "a 100 MiB test device hold 0.1 GiB" in err, err
+    runlog.check_memory(*_td3_bc_memory_args(local, fit))  # exactly `fit` seeds pass
+    with pytest.raises(runlog.UserError):
+        runlog.check_memory(*_td3_bc_memory_args(local, fit + 1))
+
+
+class FakeGpu:
+    platform = "gpu"
+
+    def memory_stats(self):
+        return {"bytes_limit": 80 << 30, "bytes_in_use": 1 << 30}
+
+
+def test_memory_limit_on_gpus_is_their_memory_summed(monkeypatch):
+    monkeypatch.setattr(runlog.jax, "local_devices", lambda: [FakeGpu(), FakeGpu()])
+    assert runlog.memory_limit() == (160 << 30, "2 GPU device(s)")
+    monkeypatch.setattr(FakeGpu, "memory_stats", lambda self: None)  # a backend that does not say: no check
+    assert runlog.memory_limit() is None
+
+
+def _td3_bc_memory_args(local, num_seeds):
+    from common import data
+
+    raw, spec = data.load(str(local))
+    args = td3_bc.Args()
+    init_v, _ = td3_bc.make_train(args, spec.obs_dim, spec.act_dim)
+    dataset = td3_bc.Transitions(*(jnp.asarray(x) for x in (raw.obs, raw.action, raw.reward, raw.next_obs, raw.done)))
+    return init_v, num_seeds, dataset, td3_bc.activation_bytes(args)
+
+
+# --------------------------------------------------------------------------- the NaN stop names its update
+OFFSET = 10_000  # seed index 1's optimiser step counts start here: how the poisoned update tells the seeds apart
+
+
+def _count_leaves(opt_state, fn):
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(x) if "count" in jax.tree_util.keystr(p) else x, opt_state)
+
+
+def poison(module, monkeypatch, at: dict[int, int]) -> None:
+    """Make `critic_loss` non-finite at update at[i] (1-based, counted over the run) of seed index i. The
+    wrapped update reads the updates made so far from the critic optimiser's step count, and each value of
+    critic_loss it returns is that of one update, the last ones of the step (TD3+BC: one per update of
+    its policy_delay; the others: one)."""
+    real_update, real_make_train = module.update, module.make_train
+
+    def update(state, *rest):
+        new, metrics = real_update(state, *rest)
+        count = next(x for p, x in jax.tree_util.tree_leaves_with_path(new.critic_opt)
+                     if "count" in jax.tree_util.keystr(p))  # updates made, after this step
+        second = count >= OFFSET
+        done = jnp.where(second, count - OFFSET, count)
+        m = metrics["critic_loss"]
+        updates = done - m.size + jnp.arange(1, m.size + 1)  # the update of each value
+        hit = updates == jnp.where(second, at[1], at[0])
+        return new, {**metrics, "critic_loss": jnp.where(hit, jnp.nan, m.reshape(-1)).reshape(m.shape)}
+
+    def make_train(*a, **k):
+        init, *others = real_make_train(*a, **k)
+
+        def init_offset(keys):
+            state = init(keys)
+            second = (jnp.arange(keys.shape[0]) == 1).astype(jnp.int32) * OFFSET
+            return dataclasses.replace(state, critic_opt=_count_leaves(state.critic_opt, lambda x: x + second))
+
+        return (init_offset, *others)
+
+    monkeypatch.setattr(module, "update", update)
+    monkeypatch.setattr(module, "make_train", make_train)
+
+
+MISA_TINY = ["--num-samples", "4", "--hmc-burnin", "1", "--no-cosine-schedule"]
+TINY_FLAGS = {"td3_bc": [], "cql": ["--num-samples", "4"], "misa": MISA_TINY, "misa_dv": MISA_TINY, "misa_f": MISA_TINY}
+NAN_CASES = [(td3_bc, {1: 27, 0: 30}), (td3_bc, {1: 28, 0: 29}), (td3_bc, {0: 5, 1: 9}), (cql, {1: 27, 0: 30}),
+             (misa, {1: 23, 0: 24}), (misa_dv, {0: 3, 1: 4}), (misa_f, {1: 35, 0: 36})]
+
+
+@pytest.mark.parametrize("module,at", NAN_CASES, ids=[f"{m.__name__.split('.')[-1]}-{a}" for m, a in NAN_CASES])
+def test_the_nan_stop_names_the_update_and_the_seed(module, at, tiny_hopper, tmp_path, monkeypatch, capsys):
+    """A non-finite critic loss injected at a known update of one seed: the message names exactly that
+    update and seed (TD3+BC: its loop step is policy_delay updates, counted as updates; both positions
+    within a step, a first chunk and a later one)."""
+    _, local = tiny_hopper
+    name = module.__name__.split(".")[-1]
+    poison(module, monkeypatch, at)
+    i = min(at, key=at.get)
+    err = cli_error(["--env", str(local), "--seed", "3", "--num-seeds", "2", "--num-updates", "40", "--eval-every", "20",
+                     "--log-every", "20", "--eval-episodes", "1", "--hidden-dim", "32", "--batch-size", "32",
+                     *TINY_FLAGS[name], "--run-dir", str(tmp_path / "run")], monkeypatch, capsys, module)
+    assert f"non-finite critic_loss for seed {3 + i} at update {at[i]}." in err, err
+    assert ("last good checkpoint (update 20)" if at[i] > 20 else "no checkpoint was written yet") in err

@@ -102,3 +102,64 @@ def test_buffer_keeps_every_transition_with_d4rl_semantics(tmp_path):
     solo = sac.train(sac.Args(**TINY, total_steps=300, seed=1,
                               run_dir=str(tmp_path / "solo")))
     np.testing.assert_allclose(sac.read_buffer(solo, 300, seed_index=0)["actions"], buf["actions"][1], atol=1e-5)
+
+
+SAC_FLAG_CASES = [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--hidden-dim", "0"], "--hidden-dim must be at least 1"),
+    (["--discount", "2"], "--discount must be in [0, 1]"),
+    (["--tau", "0"], "--tau must be in (0, 1]"),
+    (["--total-steps", "0"], "--total-steps must be at least 1"),
+    (["--total-steps", "-100"], "--total-steps must be at least 1"),
+    (["--update-every", "0"], "--update-every must be at least 1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+    (["--eval-episodes", "0"], "--eval-episodes must be at least 1"),
+    (["--actor-lr", "nan"], "--actor-lr must be positive"),
+    (["--init-alpha", "0"], "--init-alpha must be positive"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--num-seeds", "0"], "--num-seeds must be at least 1"),
+    (["--total-steps", "150"], "must be a multiple of --checkpoint-every"),
+    (["--env-kwargs", "[1]"], "--env-kwargs must be a JSON object"),
+    (["--resume"], "--resume needs --run-dir"),
+]
+
+
+@pytest.mark.parametrize("flags,message", SAC_FLAG_CASES, ids=[" ".join(f) for f, _ in SAC_FLAG_CASES])
+def test_bad_flags_are_one_message_before_any_work(flags, message, tmp_path, monkeypatch, capsys):
+    run_dir = [] if "--resume" in flags else ["--run-dir", str(tmp_path / "run")]
+    monkeypatch.setattr(sys, "argv", ["sac.py", "--env", TINY["env"], "--checkpoint-every", "100", "--update-every", "10",
+                                      "--learning-starts", "100", "--batch-size", "32", *flags, *run_dir])
+    with pytest.raises(SystemExit) as e:
+        runlog.cli(sac.main, sac.Args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert err.startswith("error: invalid arguments") and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_several_bad_flags_are_one_message(tmp_path):
+    with pytest.raises(UserError) as e:
+        sac.check_args(sac.Args(batch_size=0, hidden_dim=0, discount=2, tau=0, total_steps=0, update_every=0,
+                                checkpoint_every=0, eval_episodes=0))
+    assert str(e.value).count("must be") == 8, e.value
+
+
+def test_the_nan_stop_names_the_update_and_the_seed(tmp_path, monkeypatch):
+    """A non-finite critic loss injected at update 57 of seed 1 (and 58 of seed 0): the run stops after
+    that chunk (env step 150: updates 51-60), naming the seed and the update, and the checkpoint."""
+    from test_runs import OFFSET, poison
+
+    monkeypatch.setattr(sac, "_COMPILED", {})  # the poisoned program, not a memoised one
+    poison(sac, monkeypatch, {1: 57, 0: 58})
+    with pytest.raises(UserError) as e:
+        sac.train(sac.Args(**TINY, total_steps=300, num_seeds=2, run_dir=str(tmp_path / "run")))
+    message = str(e.value)
+    assert "non-finite critic_loss for seed 1 at update 57 (env step 150)" in message, message
+    assert "the last checkpoint (env step 100)" in message
+    assert sac.updates_until(150, sac.Args(**TINY)) == 60 and OFFSET > 300
+    assert sac.updates_until(99, sac.Args(**TINY)) == 0
+
+
+def test_a_seed_beyond_32_bits_trains(tmp_path):
+    run = sac.train(sac.Args(**TINY, total_steps=100, seed=2**40, run_dir=str(tmp_path / "big")))
+    assert json.loads((run / "checkpoint.json").read_text())["seeds"] == [2**40]

@@ -148,9 +148,9 @@ def test_non_finite_loss_stops_with_seed_and_update(tiny_hopper, tmp_path):
 
 def test_bad_arguments_are_explained():
     with pytest.raises(UserError, match="multiples of --policy-delay"):
-        runlog.check(td3_bc.Args(num_updates=1501), td3_bc.check_args(td3_bc.Args(num_updates=1501)))
+        runlog.check(td3_bc.Args(num_updates=1501), td3_bc.RULES, td3_bc.check_args(td3_bc.Args(num_updates=1501)))
     args = td3_bc.Args(num_updates=2000)  # fewer updates than --eval-every: evaluated at the end
-    runlog.check(args, td3_bc.check_args(args))
+    runlog.check(args, td3_bc.RULES, td3_bc.check_args(args))
 
 
 def test_end_to_end_two_seeds_real_env(tiny_hopper, tmp_path, run_script):

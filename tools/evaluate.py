@@ -72,6 +72,10 @@ class Args:
     """the algorithm file to rebuild the agents with (default: algorithms/<algo>.py, as config.json names it)"""
 
 
+# The range of every numeric flag, checked before anything is loaded (common.runlog.check: one message, exit 2).
+RULES = {"episodes": ">= 1", "video_steps": ">= 1"}
+
+
 def main(args: Args) -> dict:
     check_outputs(args)
     try:
@@ -103,16 +107,13 @@ def check_outputs(args: Args) -> None:
             problems.append(f"{flag} {value}: the file must end in {' or '.join(kinds)}")
         elif not path.parent.is_dir():
             problems.append(f"{flag} {value}: the folder {path.parent} does not exist; create it first")
-    for flag, value in (("--episodes", args.episodes), ("--video-steps", args.video_steps)):
-        if value is not None and value < 1:
-            problems.append(f"{flag} must be at least 1, got {value}")
     if args.video_size is not None and min(args.video_size) < 1:
         problems.append(f"--video-size must be positive, got {args.video_size}")
     if args.episodes is not None and (args.video or args.export):
         problems.append("--episodes sets the evaluation, which --video and --export replace: drop one of them")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         problems.append(f"--seeds names a seed twice: {args.seeds}")
-    runlog.check(args, problems)
+    runlog.check(args, RULES, problems)
 
 
 def env_spec(agents: Agents) -> data.EnvSpec:

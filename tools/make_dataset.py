@@ -115,19 +115,29 @@ class Args:
     """splits written without infos/qpos and infos/qvel (to save space)"""
 
 
+# The range of every numeric flag, checked before any work (common.runlog.check: one message, exit 2).
+RULES = {
+    "seed": ">= 0", "sac_steps": ">= 1", "sac_hidden_dim": ">= 1", "sac_learning_starts": ">= 0", "sac_batch_size": ">= 1",
+    "sac_update_every": ">= 1", "checkpoint_every": ">= 1", "eval_episodes": ">= 1", "transitions": ">= 2",
+    "medium_fraction": "(0, 1)", "medium_tolerance": ">= 0", "medium_step": ">= 1", "ref_episodes": ">= 1",
+}
+
+
 def check_args(args: Args) -> None:
+    """Every setting's range (RULES) and this tool's combinations of them: one UserError listing all."""
     problems = [f"unknown split {s!r} (known: {', '.join(SPLITS)})" for s in args.splits if s not in SPLITS]
     problems += [f"--drop-infos: unknown split {s!r}" for s in args.drop_infos if s not in SPLITS]
-    if args.transitions < 2:
-        problems.append("--transitions must be >= 2")
-    if not 0.0 < args.medium_fraction < 1.0:
-        problems.append("--medium-fraction must lie in (0, 1)")
-    if args.ref_episodes < 1:
-        problems.append("--ref-episodes must be >= 1")
-    if args.medium_step is not None and args.medium_step % args.checkpoint_every:
+    if args.medium_step is not None and args.checkpoint_every >= 1 and args.medium_step % args.checkpoint_every:
         problems.append(f"--medium-step must be a multiple of --checkpoint-every ({args.checkpoint_every})")
-    if problems:
-        raise SystemExit("invalid arguments:\n  " + "\n  ".join(problems))
+    # what sac.py would refuse, in this tool's names, before the work dir is made
+    if args.checkpoint_every >= 1 and args.sac_steps >= 1 and args.sac_steps % args.checkpoint_every:
+        problems.append(f"--sac-steps ({args.sac_steps}) must be a multiple of --checkpoint-every ({args.checkpoint_every})")
+    if args.sac_update_every >= 1 and args.checkpoint_every >= 1 and args.checkpoint_every % args.sac_update_every:
+        problems.append(f"--checkpoint-every ({args.checkpoint_every}) must be a multiple of --sac-update-every "
+                        f"({args.sac_update_every})")
+    if args.sac_learning_starts < args.sac_batch_size:
+        problems.append(f"--sac-learning-starts ({args.sac_learning_starts}) must be >= --sac-batch-size ({args.sac_batch_size})")
+    runlog.check(args, RULES, problems)
 
 
 def repo_path(p: str | Path) -> Path:
