@@ -7,12 +7,17 @@ is the same loop over the same Run.
 - A resume refuses another algorithm, other data, or other settings unless named in --allow-change.
 """
 
+import contextlib
 import csv
+import dataclasses
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -20,7 +25,7 @@ import numpy as np
 import pytest
 
 from algorithms import td3_bc
-from common import runlog
+from common import runlock, runlog
 from common.data import write_d4rl_hdf5
 
 from conftest import hopper_rollouts
@@ -106,7 +111,12 @@ def write_bad(path: Path, how: str) -> Path:
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
         return path
-    if how == "nan":
+    if how == "all_timeouts":  # every row ends an episode by its time limit: qlearning_dataset keeps none
+        arrays["timeouts"][:] = True
+        arrays["terminals"][:] = False
+    elif how == "below_batch":  # 20 rows, fewer transitions than one batch of 32
+        arrays = {k: v[:20] for k, v in arrays.items()}
+    elif how == "nan":
         arrays["observations"][5, 1] = np.nan
     elif how == "out_of_range":
         arrays["actions"] *= 3.0
@@ -156,6 +166,9 @@ DATA_CASES = [
     ("out_of_range", "actions must lie in [-1, 1]"),
     ("group", "is a group of ['joint'], not an array"),
     ("unknown_env", "cannot make its evaluation env 'Hoppper-v5'"),
+    ("all_timeouts", "no usable transition: 200 rows read, 0 kept as transitions (d4rl.qlearning_dataset's rules: "
+                     "199 time-out row(s) dropped, flagged in 'timeouts'"),
+    ("below_batch", "fewer than one batch (--batch-size 32): 20 rows read"),
 ]
 
 
@@ -184,7 +197,7 @@ def test_bad_data_is_refused_before_any_work(env, message, tmp_path, monkeypatch
         env = str(write_bad(tmp_path / f"{env}.hdf5", env))
     elif env == "missing.hdf5":
         env = str(tmp_path / env)
-    err = cli_error(["--env", env, "--run-dir", str(tmp_path / "run")], monkeypatch, capsys)
+    err = cli_error(["--env", env, "--run-dir", str(tmp_path / "run"), "--batch-size", "32"], monkeypatch, capsys)
     assert message in err, err
     assert len(err.strip().splitlines()) <= 3, err  # one message, not a dump
     assert not (tmp_path / "run").exists()
@@ -252,3 +265,155 @@ def test_a_refused_run_prints_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "algorithms" / "cql.py"), "--env", "hopper-medum-v2"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "Did you mean: hopper-medium-v2" in out.stderr
+
+
+# --------------------------------------------------------------------------- hostile resumes (table-driven)
+@pytest.fixture(scope="module")
+def finished_run(tiny_hopper, tmp_path_factory):
+    """A finished 2-seed run of 20 updates (checkpoint at update 20), and the flags that made it."""
+    _, local = tiny_hopper
+    d = tmp_path_factory.mktemp("finished") / "run"
+    args = small(d, local, num_updates=20, eval_every=20, log_every=20)
+    td3_bc.main(args)
+    return d, argv_of(args)
+
+
+def argv_of(args) -> list[str]:
+    """The command line that gives `args` (td3_bc.Args) back, minus --resume."""
+    out = []
+    for k, v in dataclasses.asdict(args).items():
+        if v != getattr(td3_bc.Args(), k) and k != "resume":
+            out += [runlog.flag(k), str(v)]
+    return out
+
+
+@contextlib.contextmanager
+def read_only(d: Path):
+    """`d` made read-only: chmod for a user; root writes through chmod, so `chattr +i` (immutable) for root,
+    or a skip where the file system or the container refuses it."""
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        try:
+            yield
+        finally:
+            d.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode:
+        pytest.skip("running as root, and chattr +i is unavailable here: no way to make a directory read-only")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(d)], check=True)
+
+
+RESUME_CASES = [  # (id, extra flags, what is done to the run directory, what the message says)
+    ("budget below the checkpoint", ["--allow-change", "num-updates", "--num-updates", "10"], None,
+     ["--num-updates 10 is below the checkpoint of the run in", "(update 20)"]),
+    ("read-only run directory", [], read_only, ["cannot write to the run directory", "make it writable"]),
+]
+
+
+@pytest.mark.parametrize("flags,damage,messages", [c[1:] for c in RESUME_CASES], ids=[c[0] for c in RESUME_CASES])
+def test_hostile_resumes_are_one_message_and_change_nothing(flags, damage, messages, finished_run, tmp_path,
+                                                            monkeypatch, capsys):
+    src, argv = finished_run
+    d = tmp_path / "run"
+    shutil.copytree(src, d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    argv = [a if a != str(src) else str(d) for a in argv]
+    with damage(d) if damage else contextlib.nullcontext():
+        err = cli_error([*argv, "--resume", *flags], monkeypatch, capsys)
+    assert all(m in err for m in messages) and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing written
+
+
+# --------------------------------------------------------------------------- one process per run directory
+def start(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "algorithms" / "td3_bc.py"), *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_lock(d: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until `proc` holds d's lock (its PID in d/.lock), then freeze it there (SIGSTOP): the second process
+    then meets a live holder, however fast the machine trains."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if (d / runlock.LOCK_NAME).read_text().split()[:1] == [str(proc.pid)]:
+                break
+        except OSError:
+            pass
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the first process never took the lock"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGSTOP)
+
+
+def snapshot(d: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(d)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference_and_partial(tiny_hopper, tmp_path_factory):
+    """An uninterrupted 40-update run's files, and a run of the same command crashed after its first
+    checkpoint (update 20), released by this process as a process's death would release it."""
+    _, local = tiny_hopper
+    root = tmp_path_factory.mktemp("concurrent")
+    td3_bc.main(small(root / "reference", local))
+    partial = root / "partial"
+    real = runlog.save_checkpoint
+    calls = []
+
+    def crash_on_second(run_dir, tree, info=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Crash("second checkpoint")
+        real(run_dir, tree, info)
+
+    runlog.save_checkpoint = crash_on_second
+    try:
+        with pytest.raises(Crash):
+            td3_bc.main(small(partial, local))
+    finally:
+        runlog.save_checkpoint = real
+        runlock.release(partial)
+    return run_files(root / "reference"), partial, local
+
+
+@pytest.mark.parametrize("first,second", [("fresh", "fresh"), ("resume", "resume"), ("fresh", "resume")])
+def test_a_second_process_on_a_run_directory_is_refused(first, second, reference_and_partial, tmp_path):
+    reference, partial, local = reference_and_partial
+    d = tmp_path / "run"
+    if first == "resume":
+        shutil.copytree(partial, d)
+    argv = argv_of(small(d, local))
+    a = start(argv + (["--resume"] if first == "resume" else []))
+    try:
+        wait_for_lock(d, a)
+        before = snapshot(d)
+        b = subprocess.run([sys.executable, str(ROOT / "algorithms" / "td3_bc.py"), *argv,
+                            *(["--resume"] if second == "resume" else [])], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        assert b.returncode == 2 and "Traceback" not in b.stderr, b.stderr
+        assert f"is in use by another process (PID {a.pid})" in b.stderr and len(b.stderr.strip().splitlines()) == 1
+        assert snapshot(d) == before  # the refused process wrote nothing
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    out, err = a.communicate(timeout=300)
+    assert a.returncode == 0, err[-3000:]
+    assert run_files(d) == reference  # the survivor's files are an uninterrupted run's
+
+
+def test_a_killed_holder_does_not_block_a_resume(reference_and_partial, tmp_path):
+    reference, partial, local = reference_and_partial
+    d = tmp_path / "run"
+    shutil.copytree(partial, d)
+    argv = argv_of(small(d, local))
+    a = start(argv + ["--resume"])
+    wait_for_lock(d, a)
+    a.kill()  # SIGKILL: no cleanup runs; the kernel releases the lock with the process
+    a.communicate()
+    b = subprocess.run([sys.executable, str(ROOT / "algorithms" / "td3_bc.py"), *argv, "--resume"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert run_files(d) == reference
