@@ -293,9 +293,9 @@ class Stopped(Exception):
 
 
 def _train(cmd: list[str], in_job: bool) -> int:
-    """Run one training process to its end and return its exit status. The sweep owns it: a SIGTERM,
-    SIGINT or SIGHUP to the sweep is passed on to it and the sweep waits for it to end (killing it after
-    STOP_GRACE_S) before it exits with that signal's status; a sweep that dies otherwise takes it along
+    """Run one training process to its end and return its exit status. The sweep owns it: on a SIGTERM,
+    SIGINT or SIGHUP the sweep sends it SIGTERM and waits for it to end (killing it after STOP_GRACE_S)
+    before it exits with that signal's status; a sweep that dies otherwise takes it along
     (`_die_with_parent`). In a submitit job (`in_job`) the job's own handlers keep the cluster's signals,
     and subprocess's cleanup kills the trainer when the job process exits."""
     global _SWEEP_PID
@@ -316,7 +316,7 @@ def _train(cmd: list[str], in_job: bool) -> int:
             signal.signal(sig, signal.SIG_IGN)
         print(f"sweep: {e}, stopping the training process {proc.pid} (it resumes from its last checkpoint next time)",
               file=sys.stderr, flush=True)
-        proc.send_signal(e.signum)
+        proc.terminate()  # SIGTERM whatever the sweep got: it ends the trainer at once, without a traceback
         try:
             proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -417,3 +418,125 @@ def test_a_killed_holder_does_not_block_a_resume(reference_and_partial, tmp_path
                        capture_output=True, text=True, timeout=300)
     assert b.returncode == 0, b.stderr[-3000:]
     assert run_files(d) == reference
+
+
+# --------------------------------------------------------------------------- the sweep runner owns its trainer
+SWEEP_DRIVER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from benchmarks import sweep
+sweep.RUNS, sweep.SUMMARIES = Path({runs!r}), Path({summaries!r})
+sweep.SWEEPS["tiny"] = sweep.Sweep(**{sweep!r})
+sweep.main(sweep.Cli("run", "tiny"))
+"""
+
+
+@pytest.fixture
+def tiny_sweep(tiny_hopper, tmp_path, monkeypatch):
+    """A one-run sweep (td3_bc, 2000 updates, a checkpoint every 250), defined here and in a driver script
+    that runs it as `sweep.py run` does; returns (driver path, run directory, summary path)."""
+    from benchmarks import sweep
+
+    _, local = tiny_hopper
+    spec = dict(description="td3_bc on a tiny file", datasets=[str(local)], variants={"td3_bc": "td3_bc"}, num_seeds=1,
+                num_updates=2000, eval_every=250, log_every=250, common_flags="--hidden-dim 16 --batch-size 16 --eval-episodes 1")
+    runs, summaries = tmp_path / "runs", tmp_path / "summaries"
+    monkeypatch.setattr(sweep, "RUNS", runs)
+    monkeypatch.setattr(sweep, "SUMMARIES", summaries)
+    monkeypatch.setitem(sweep.SWEEPS, "tiny", sweep.Sweep(**spec))
+    driver = tmp_path / "driver.py"
+    driver.write_text(SWEEP_DRIVER.format(root=str(ROOT), runs=str(runs), summaries=str(summaries), sweep=spec))
+    return driver, sweep.run_dir("tiny", "td3_bc", str(local)), sweep.summary_path("tiny", "td3_bc", str(local))
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes whose parent is `pid`."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append((int(stat.parent.name), (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by whoever adopted it, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: signal.Signals(s).name)
+def test_a_killed_sweep_leaves_no_trainer_and_a_rerun_resumes(sig, tiny_sweep, capsys):
+    from benchmarks import sweep
+
+    driver, rd, summary = tiny_sweep
+    # its own session: when the sweep dies while its trainer is stopped, the kernel hangs up the orphaned
+    # process group, which must not be pytest's
+    proc = subprocess.Popen([sys.executable, str(driver)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 180
+    trainer = None
+    while trainer is None or not (rd / "checkpoint.eqx").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        found = [pid for pid, cmd in children(proc.pid) if "algorithms/td3_bc.py" in cmd]
+        trainer = found[0] if found else None
+        time.sleep(0.01)
+    os.kill(trainer, signal.SIGSTOP)  # frozen mid-run, after its first checkpoint, however fast it trains
+    assert not (rd / "results.json").exists()
+    os.kill(proc.pid, sig)  # the sweep process alone
+    os.kill(trainer, signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == (-9 if sig == signal.SIGKILL else 128 + sig), err[-3000:]
+    if sig != signal.SIGKILL:
+        assert "Traceback" not in err and f"stopped by {signal.Signals(sig).name}" in err, err[-3000:]
+    deadline = time.time() + 60
+    while alive(trainer):  # SIGKILL: the kernel kills it (PR_SET_PDEATHSIG); else the sweep waited for it
+        assert time.time() < deadline, f"the trainer {trainer} outlived the sweep"
+        time.sleep(0.05)
+    assert not (rd / "results.json").exists()
+
+    capsys.readouterr()
+    assert sweep.run("tiny") == []
+    starts = [line for line in capsys.readouterr().out.splitlines() if "python" in line]
+    assert len(starts) == 1 and starts[0].endswith("--resume"), starts
+    s = json.loads(summary.read_text())
+    assert s["curve"]["updates"] == list(range(250, 2001, 250)) and math.isfinite(s["wall_time_s"])
+    rows = [(r["update"], r["seed"]) for r in csv.DictReader(open(rd / "train.csv"))]
+    assert len(rows) == len(set(rows)) == 9  # no duplicate rows (the first chunk ends at update 10)
+
+
+def test_a_sweep_never_starts_a_run_whose_directory_is_in_use(tiny_sweep, capsys):
+    from benchmarks import sweep
+
+    _, rd, summary = tiny_sweep
+    rd.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from common import runlock; "
+                               "runlock.acquire(sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(rd)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        left = sweep.run("tiny")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(left) == 1 and f"PID {holder.pid}" in left[0]
+    assert f"skipped, its run directory" in capsys.readouterr().out and not summary.exists()
+    assert sorted(p.name for p in rd.iterdir()) == [".lock"]  # nothing started there
+
+
+def test_wall_time_is_a_number(tmp_path):
+    from benchmarks import sweep
+
+    (tmp_path / "train.csv").write_text("update,seed,loss,updates_per_s\n250,0,1,100\n250,1,1,100\n"
+                                        "500,0,1,50\n500,1,1,50\n")
+    assert sweep.wall_time(tmp_path) == (7.5, "train.csv (training chunks only)")  # 250/100 + 250/50
+    (tmp_path / "wall_time.json").write_text('{"seconds": NaN}')
+    assert sweep.wall_time(tmp_path)[0] == 7.5
+    (tmp_path / "wall_time.json").write_text('{"seconds": 12.5}')
+    assert sweep.wall_time(tmp_path) == (12.5, "sweep")
