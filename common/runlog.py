@@ -24,6 +24,7 @@ A run directory holds:
   checkpoint.eqx the agents (all seeds stacked) and random keys at the last evaluation
   results.json   final normalised score per seed, mean and std
   <extra>.npz    what the policy needs besides its parameters (e.g. obs_stats.npz)
+  .lock          the lock that keeps one process per run directory, with its holder's PID (common/runlock.py)
 
 Crash safety. Every file is replaced whole and atomically (written aside, then renamed), so each is
 always either its previous or its next version. The checkpoint, written last at each evaluation, is
@@ -32,7 +33,11 @@ update, so a crash at any moment loses at most the updates since the last evalua
 logs that agree with each other. A fresh start in a directory with no checkpoint (a run killed
 before its first one) replaces that run's files.
 
-User errors (bad flags, impossible resumes, unusable run directories, and the data and environment
+One process per run directory: `Run` locks an existing directory before its checks read it, and a
+fresh run's new directory as soon as it is made, before any file is written; a second process is
+refused (`runlock.acquire`). The lock goes with the process.
+
+User errors (bad flags, impossible resumes, unusable or busy run directories, and the data and environment
 errors of `common.data` / `common.evaluation`) raise `UserError` before any training; `cli` prints
 them as one message and exits with status 2.
 """

@@ -540,3 +540,17 @@ def test_wall_time_is_a_number(tmp_path):
     assert sweep.wall_time(tmp_path)[0] == 7.5
     (tmp_path / "wall_time.json").write_text('{"seconds": 12.5}')
     assert sweep.wall_time(tmp_path) == (12.5, "sweep")
+
+
+def test_an_extension_is_the_uninterrupted_run_when_the_old_budget_is_on_the_grid(reference_and_partial, tmp_path):
+    """README's extension semantics: 20 -> 40 updates (a multiple of --eval-every 20) gives the files of
+    the uninterrupted 40-update run; 30 -> 40 keeps the evaluation at 30, off the grid."""
+    reference, _, local = reference_and_partial
+    for old, evals in [(20, [20, 40]), (30, [20, 30, 40])]:
+        d = tmp_path / f"from{old}"
+        td3_bc.main(small(d, local, num_updates=old))
+        td3_bc.main(small(d, local, resume=True, allow_change=["num-updates"]))
+        files = run_files(d)
+        assert files["returns"][0] == evals and files["args"].pop("allow_change") == ["num-updates"]
+        assert (files == {**reference, "args": {k: v for k, v in reference["args"].items() if k != "allow_change"}}) \
+            == (old == 20)
