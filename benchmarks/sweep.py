@@ -17,6 +17,7 @@ everything that went into it.
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
 import json
 import math
@@ -257,15 +258,16 @@ def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: floa
     }
 
 
+# libc's prctl, looked up here: the child between fork and exec must not import or load anything
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
     # In the training process, between fork and exec (Linux): the kernel sends it SIGKILL when the sweep
     # process dies, however it dies (a SIGKILL too), so a killed sweep never leaves a trainer running.
     # The run's checkpoint is its commit point: the next sweep resumes from it.
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     if os.getppid() != _SWEEP_PID:  # the sweep died before the line above took effect
         os._exit(1)
 
@@ -307,9 +309,11 @@ def _train(cmd: list[str], in_job: bool) -> int:
     def stop(signum, frame):
         raise Stopped(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=checkout_env(), preexec_fn=_die_with_parent)
+    previous: dict = {}
     try:
+        for sig in STOP_SIGNALS:  # a signal before this still ends the trainer: with the sweep (_die_with_parent)
+            previous[sig] = signal.signal(sig, stop)
         return proc.wait()
     except Stopped as e:
         for sig in STOP_SIGNALS:  # a second signal must not interrupt the wait below

@@ -4,7 +4,11 @@ is the same loop over the same Run.
 - A crash at any write point, then the retry a user (or benchmarks/sweep.py) makes, ends with exactly
   the files of an uninterrupted run.
 - Every user error ends with one message and exit status 2, before any run directory is made.
-- A resume refuses another algorithm, other data, or other settings unless named in --allow-change.
+- A resume refuses another algorithm, other data, or other settings unless named in --allow-change,
+  and a budget below its checkpoint.
+- One process per run directory: a second one is refused, naming the holder's PID, and writes nothing;
+  a killed holder's lock goes with it.
+- The sweep runner owns its trainer: killed alone, it leaves none running, and a re-run resumes.
 """
 
 import contextlib
