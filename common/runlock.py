@@ -76,11 +76,11 @@ def acquire(run_dir: str | os.PathLike) -> None:
                         "time, a second would clobber the first's files. Wait for it to end (or stop it), then run "
                         "this again; or choose another --run-dir.") from None
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         probe = d / ".write-test"  # the lock file may exist already in a directory made read-only since
         probe.write_text("ok")
         probe.unlink()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     except OSError as e:
         os.close(fd)
         raise UserError(unwritable(d, e)) from None
