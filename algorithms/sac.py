@@ -48,7 +48,7 @@ import optax
 from tqdm import tqdm
 
 from common import data, evaluation
-from common import runlog
+from common import runlock, runlog
 from common.errors import UserError
 
 
@@ -463,8 +463,21 @@ def sample_batches(buf: dict[str, np.ndarray], size: int, rngs: list[np.random.G
 
 # ============================================================================ Training loop
 def train(args: Args) -> Path:
-    """Run (or continue) SAC as described by args; returns the run directory."""
+    """Run (or continue) SAC as described by args; returns the run directory (locked for this process
+    while it trains: a second process on it is refused, see common/runlock.py)."""
     check_args(args)
+    run_dir = Path(args.run_dir) if args.run_dir else runlog.default_run_dir("sac", args.env, args.seed)
+    try:
+        return _train(args, run_dir)
+    finally:
+        runlock.release(run_dir)
+
+
+# a run's own files, replaced when a run killed before its first checkpoint is started again
+RUN_FILES = ["config.json", "env.json", "train.csv", "eval.csv", "evals.npz", "checkpoint.json"]
+
+
+def _train(args: Args, run_dir: Path) -> Path:
     seeds = [args.seed + i for i in range(args.num_seeds)]
     S = len(seeds)
     envs = [make_env(args.env, args.env_kwargs) for _ in seeds]
@@ -472,7 +485,8 @@ def train(args: Args) -> Path:
     spec = env_spec(args.env, args.env_kwargs)
     evaluator = evaluation.Evaluator(spec, seeds, args.eval_episodes)
 
-    run_dir = Path(args.run_dir) if args.run_dir else runlog.default_run_dir("sac", args.env, args.seed)
+    if run_dir.is_dir():  # one process per run directory, locked before the checks read it
+        runlock.acquire(run_dir)
     if args.resume:
         saved = runlog.check_resumable(run_dir, "sac", "checkpoint_every", "env step")["args"]
         changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(args).items()
@@ -520,6 +534,23 @@ def train(args: Args) -> Path:
         history = {"steps": list(evals["steps"][keep]), "returns": list(evals["returns"][keep]),
                    "lengths": list(evals["lengths"][keep])}
         print(f"resuming {run_dir} at env step {step}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(runlock.unwritable(run_dir, e)) from None
+    runlock.acquire(run_dir)  # a new directory: before anything is written in it
+    if not args.resume:
+        if (run_dir / "checkpoint.eqx").exists():  # again, now that no other process can write here
+            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        stale = [run_dir / n for n in RUN_FILES if (run_dir / n).exists()] + sorted(run_dir.glob("host_*.pkl")) \
+            + sorted(run_dir.glob("buffer/*.npz")) + sorted(run_dir.glob("policies/*.eqx"))
+        if stale:  # a run killed before its first checkpoint: its logs describe nothing that survives
+            print(f"{run_dir}: replacing the files of a run that stopped before its first checkpoint "
+                  f"({', '.join(str(p.relative_to(run_dir)) for p in stale)})")
+            for path in stale:
+                path.unlink()
+    for tmp in [*run_dir.glob("*.tmp"), *run_dir.glob("buffer/*.tmp")]:  # written aside by a process that died
+        tmp.unlink()
     (run_dir / "policies").mkdir(parents=True, exist_ok=True)
     (run_dir / "buffer").mkdir(parents=True, exist_ok=True)
     if not args.resume:

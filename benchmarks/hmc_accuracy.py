@@ -87,7 +87,7 @@ def grid(entry: str, seed: int = 0, cells: list[tuple[str, float]] | None = None
     """Every cell of the grid (or those (shift, spread) in `cells`) for one sampler entry."""
     name, overrides = parse(entry)
     module = load_algorithm(name)
-    args = module.Args(num_samples=K, hmc_burnin=5, hmc_leapfrog=2, **overrides)
+    args = module.Args(**{"num_samples": K, "hmc_burnin": 5, "hmc_leapfrog": 2, **overrides})  # an entry may override these
     one, start_kind = sampler(module, args)
     ref, rows = reference.stored(), []
     for shift in reference.SHIFTS:
@@ -110,13 +110,16 @@ class Config:
     """samplers to measure, benchmarks/speed.py's entry syntax"""
     out: str = "results/hmc-accuracy.md"
     """markdown table (a JSON of the rows is written beside it)"""
+    spreads: list[float] = dataclasses.field(default_factory=lambda: list(reference.SPREADS))
+    """only the cells of these Q spreads (a quicker look at one regime)"""
 
 
 def main(cfg: Config) -> None:
     t = time.time()
-    rows = [row for entry in cfg.entries for row in grid(entry)]
+    cells = [(shift, spread) for shift in reference.SHIFTS for spread in cfg.spreads]
+    rows = [row for entry in cfg.entries for row in grid(entry, cells=cells)]
     lines = ["# HMC sampler accuracy in trained regimes", "",
-             f"Written by `python benchmarks/hmc_accuracy.py --entries {' '.join(cfg.entries)}` "
+             f"Written by `python benchmarks/hmc_accuracy.py {' '.join(sys.argv[1:])}` "
              f"({time.time() - t:.0f} s); method in that file's docstring, targets and NUTS reference in "
              "`tests/hmc_reference.py`. Pass: acceptance >= 0.5, every state's mean within 0.2 reference std, "
              "every std ratio within 1.3x.", "",

@@ -17,20 +17,25 @@ everything that went into it.
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
 import json
+import math
 import os
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import tyro
 
+from common import runlock
 from common.data import D4RL_DATASETS, domain_of
 
 if TYPE_CHECKING:  # imported where used: `run`, `list` and the report do without it
@@ -253,21 +258,121 @@ def summarise(sweep: str, label: str, dataset: str, cmd: list[str], wall_s: floa
     }
 
 
+# libc's prctl, looked up here: the child between fork and exec must not import or load anything
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    # In the training process, between fork and exec (Linux): the kernel sends it SIGKILL when the sweep
+    # process dies, however it dies (a SIGKILL too), so a killed sweep never leaves a trainer running.
+    # The run's checkpoint is its commit point: the next sweep resumes from it.
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != _SWEEP_PID:  # the sweep died before the line above took effect
+        os._exit(1)
+
+
 def _ignore_cluster_signals() -> None:
     # In the training process, between fork and exec. SLURM signals every process of a preempted job
     # (SIGTERM, then submitit's USR2); the run must not die of them before the sweep process has requeued
     # the job. The sweep process then stops it, and the requeued job resumes from the run's last checkpoint.
+    _die_with_parent()
     for sig in (signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
 
 
+_SWEEP_PID = os.getpid()
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what stops a sweep run from a shell or a scheduler
+STOP_GRACE_S = 30.0  # a stopped sweep's trainer gets this long to end on the same signal before it is killed
+
+
+class Stopped(Exception):
+    """The sweep process received one of STOP_SIGNALS while a run was training."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _train(cmd: list[str], in_job: bool) -> int:
+    """Run one training process to its end and return its exit status. The sweep owns it: on a SIGTERM,
+    SIGINT or SIGHUP the sweep sends it SIGTERM and waits for it to end (killing it after STOP_GRACE_S)
+    before it exits with that signal's status; a sweep that dies otherwise takes it along
+    (`_die_with_parent`). In a submitit job (`in_job`) the job's own handlers keep the cluster's signals,
+    and subprocess's cleanup kills the trainer when the job process exits."""
+    global _SWEEP_PID
+    _SWEEP_PID = os.getpid()
+    if in_job or threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        return subprocess.run(cmd, cwd=ROOT, env=checkout_env(),
+                              preexec_fn=_ignore_cluster_signals if in_job else _die_with_parent).returncode
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=checkout_env(), preexec_fn=_die_with_parent)
+    previous: dict = {}
+    try:
+        for sig in STOP_SIGNALS:  # a signal before this still ends the trainer: with the sweep (_die_with_parent)
+            previous[sig] = signal.signal(sig, stop)
+        return proc.wait()
+    except Stopped as e:
+        for sig in STOP_SIGNALS:  # a second signal must not interrupt the wait below
+            signal.signal(sig, signal.SIG_IGN)
+        print(f"sweep: {e}, stopping the training process {proc.pid} (it resumes from its last checkpoint next time)",
+              file=sys.stderr, flush=True)
+        proc.terminate()  # SIGTERM whatever the sweep got: it ends the trainer at once, without a traceback
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        if proc.poll() is None:  # any other exception: never leave the trainer behind
+            proc.kill()
+            proc.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def wall_time(rd: Path) -> tuple[float, str]:
+    """Seconds a finished run took and how they were measured: the sweep's own clock (wall_time.json,
+    every attempt it ran), else the sum of the run's training chunks in train.csv (from its
+    updates_per_s: no compiling or evaluation; a run that finished without the sweep watching it)."""
+    seconds = _spent(rd)
+    if seconds is not None:
+        return seconds, "sweep"
+    with open(rd / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    first = [r for r in rows if r["seed"] == rows[0]["seed"]] if rows else []  # the seeds share every chunk
+    seconds, start = 0.0, 0
+    for r in first:
+        rate = float(r.get("updates_per_s") or "nan")
+        if rate > 0:  # False for NaN
+            seconds += (int(r["update"]) - start) / rate
+        start = int(r["update"])
+    return seconds, "train.csv (training chunks only)"
+
+
+def _spent(rd: Path) -> float | None:
+    """The seconds recorded in rd/wall_time.json, or None when it is missing or holds no number."""
+    try:
+        seconds = float(json.loads((rd / "wall_time.json").read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
 def run(sweep: str, dry_run: bool = False, only: list[str] | None = None, sw: Sweep | None = None,
-        in_job: bool = False) -> None:
+        in_job: bool = False) -> list[str]:
     """Run the named sweep (or `sw`, a variation of it, stored under the same name). `in_job`: this is a
-    submitit job, whose requeue on preemption (not the training process) handles the cluster's signals."""
+    submitit job, whose requeue on preemption (not the training process) handles the cluster's signals.
+    Returns what it could not run: runs whose directory another process holds (a run or sweep still
+    alive), and runs that failed; the others went on."""
     sw = sw or SWEEPS[sweep]
     where = None  # asked once a run has finished (a subprocess: not needed for dry runs or finished sweeps)
     pairs = [(label, ds) for ds in sw.datasets for label in sw.variants if not only or label in only]
+    left: list[str] = []
     for i, (label, dataset) in enumerate(pairs, 1):
         cmd, rd, out = command(sw, sweep, label, dataset), run_dir(sweep, label, dataset), summary_path(sweep, label, dataset)
         head = f"[{i}/{len(pairs)}] {label} on {dataset}"
@@ -277,23 +382,34 @@ def run(sweep: str, dry_run: bool = False, only: list[str] | None = None, sw: Sw
         if dry_run:
             print(f"{head}: {shlex.join(cmd)}")
             continue
+        busy = runlock.holder(rd)
+        if busy is not None:  # never a second process on one run directory: the trainer would refuse it anyway
+            print(f"{head}: skipped, its run directory {shown(rd)} is in use by another process ({busy})", flush=True)
+            left.append(f"{label} on {dataset} (run directory in use, {busy})")
+            continue
         wall_file = rd / "wall_time.json"
         if not (rd / "results.json").exists():
             resume = ["--resume"] if (rd / "checkpoint.eqx").exists() else []
             print(f"{head}: {shlex.join(cmd + resume)}", flush=True)
-            spent = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0
+            spent = _spent(rd) or 0.0
             t = time.time()
             try:
-                subprocess.run([sys.executable, *cmd[1:], *resume], cwd=ROOT, check=True, env=checkout_env(),
-                               preexec_fn=_ignore_cluster_signals if in_job else None)
+                status = _train([sys.executable, *cmd[1:], *resume], in_job)
             finally:  # an interrupted run keeps the time it has spent, and resumes next time
                 rd.mkdir(parents=True, exist_ok=True)
-                wall_file.write_text(json.dumps({"seconds": spent + time.time() - t}))
-        wall = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else float("nan")
+                wall_file.with_name(wall_file.name + ".tmp").write_text(json.dumps({"seconds": spent + time.time() - t}))
+                wall_file.with_name(wall_file.name + ".tmp").replace(wall_file)
+            if status != 0:  # its own message is above (a refusal, e.g. a directory just taken, exits 2)
+                print(f"{head}: the run failed (exit status {status}); see its message above", flush=True)
+                left.append(f"{label} on {dataset} (exit status {status})")
+                continue
+        wall, measured = wall_time(rd)
         where = where or machine()
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summarise(sweep, label, dataset, cmd, wall, where, sw.smoke), indent=1) + "\n")
+        summary = {**summarise(sweep, label, dataset, cmd, wall, where, sw.smoke), "wall_time_measured_by": measured}
+        out.write_text(json.dumps(summary, indent=1) + "\n")
         print(f"{head}: {wall / 60:.1f} min, summary in {out}", flush=True)
+    return left
 
 
 def wandb_sweep(sweep: str) -> Path:
@@ -327,7 +443,9 @@ class SweepTask:
     def __call__(self, label: str, dataset: str) -> str:
         global RUNS, SUMMARIES
         RUNS, SUMMARIES = self.runs, self.summaries
-        run(self.sweep, only=[label], sw=dataclasses.replace(self.sw, datasets=[dataset]), in_job=True)
+        left = run(self.sweep, only=[label], sw=dataclasses.replace(self.sw, datasets=[dataset]), in_job=True)
+        if left:
+            raise RuntimeError(f"sweep {self.sweep}: not done: {'; '.join(left)}")
         return str(summary_path(self.sweep, label, dataset))
 
     def checkpoint(self, label: str, dataset: str) -> submitit.helpers.DelayedSubmission:
@@ -434,7 +552,8 @@ def main(cli: Cli) -> None:
         unknown = [label for label in cli.only or [] if label not in sw.variants]
         if unknown:
             raise SystemExit(f"unknown variant {', '.join(unknown)} in sweep {cli.sweep}; known: {', '.join(sw.variants)}")
-        run(cli.sweep, cli.dry_run, only=cli.only, sw=dataclasses.replace(sw, datasets=[cli.dataset]) if cli.dataset else sw)
+        finish(cli.sweep, lambda: run(cli.sweep, cli.dry_run, only=cli.only,
+                                      sw=dataclasses.replace(sw, datasets=[cli.dataset]) if cli.dataset else sw))
     elif cli.action == "slurm":
         slurm_main(cli)
     else:  # run-one: what a wandb agent calls for one grid point
@@ -442,7 +561,19 @@ def main(cli: Cli) -> None:
             raise SystemExit(f"run-one needs --label in {list(sw.variants)} and --dataset in {sw.datasets}")
         os.environ.setdefault("WANDB_MODE", "online")
         sw = dataclasses.replace(sw, datasets=[cli.dataset], common_flags=sw.common_flags + " --track")
-        run(cli.sweep, only=[cli.label], sw=sw)
+        finish(cli.sweep, lambda: run(cli.sweep, only=[cli.label], sw=sw))
+
+
+def finish(sweep: str, go: Callable[[], list[str]]) -> None:
+    """`go()`, a sweep's runs, ended as one line: the runs left undone (exit status 1), or the signal that
+    stopped it (exit status 128 + its number, as a shell reports it; the trainer has ended by then)."""
+    try:
+        left = go()
+    except Stopped as e:
+        print(f"sweep {sweep}: stopped by {e}; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    if left:
+        raise SystemExit(f"sweep {sweep}: {len(left)} runs not done: " + "; ".join(left))
 
 
 def slurm_main(cli: Cli) -> None:

@@ -68,6 +68,8 @@ class EnvSpec:
     ref_max_score: float | None = None
     eval_unsupported: str | None = None  # why no evaluation env can be built yet
     domain: str = "locomotion"  # one of DOMAINS: the algorithm files key their per-domain presets by it
+    num_transitions: int | None = None  # transitions the loader kept (a run needs at least one batch)
+    rows: str | None = None  # how the file's rows became them (which rows the loader dropped, and why)
 
 
 # --------------------------------------------------------------------------- D4RL registry
@@ -307,13 +309,15 @@ def _load_file(path: Path, name: str, source: str, spec_fields: dict | None = No
 
     if path.name in _ANTMAZE_V0_FILES:  # AntMaze v0 time-out fix (D4RL issue 77), see antmaze_v0_fix_timeouts
         raw = antmaze_v0_fix_timeouts(raw, fields.get("max_episode_steps"), name=str(path))
-    transitions = qlearning_transitions(raw, fields.get("max_episode_steps"), name=str(path))
+    transitions, rows = _qlearning(raw, fields.get("max_episode_steps"), name=str(path))
     spec = EnvSpec(
         name=name,
         source=source,
         obs_dim=transitions.obs.shape[1],
         act_dim=transitions.action.shape[1],
         **{"max_episode_steps": None, **fields},
+        num_transitions=transitions.obs.shape[0],
+        rows=rows,
     )
     if spec.eval_env_id is None and spec.eval_unsupported is None:
         spec = dataclasses.replace(
@@ -329,6 +333,11 @@ def _load_file(path: Path, name: str, source: str, spec_fields: dict | None = No
 
 def qlearning_transitions(raw: dict[str, np.ndarray], max_episode_steps: int | None, name: str = "dataset") -> Transitions:
     """D4RL arrays -> transitions with d4rl.qlearning_dataset semantics (terminate_on_end=False)."""
+    return _qlearning(raw, max_episode_steps, name)[0]
+
+
+def _qlearning(raw: dict[str, np.ndarray], max_episode_steps: int | None, name: str) -> tuple[Transitions, str]:
+    """`qlearning_transitions`, and a sentence saying how many rows were read, kept, and dropped why."""
     obs = np.asarray(raw["observations"])
     actions = np.asarray(raw["actions"])
     rewards = np.asarray(raw["rewards"])
@@ -350,15 +359,22 @@ def qlearning_transitions(raw: dict[str, np.ndarray], max_episode_steps: int | N
 
     terminals = terminals.astype(bool)
     if "timeouts" in raw:
-        timeouts = np.asarray(raw["timeouts"]).reshape(n).astype(bool)
+        timeouts, flagged = np.asarray(raw["timeouts"]).reshape(n).astype(bool), "flagged in 'timeouts'"
     elif max_episode_steps is not None:
         timeouts = _inferred_timeouts(terminals, max_episode_steps)
+        flagged = f"counted every {max_episode_steps} steps (max_episode_steps; the file has no 'timeouts')"
     else:
-        timeouts = np.zeros(n, dtype=bool)
+        timeouts, flagged = np.zeros(n, dtype=bool), ""
     next_obs = np.asarray(raw["next_observations"]) if "next_observations" in raw else np.concatenate([obs[1:], obs[-1:]])
 
     keep = ~timeouts  # a time-out row that is also a terminal is dropped too, as in d4rl
     keep[-1] = False  # d4rl iterates range(N - 1)
+    rows = (f"{n} rows read, {int(keep.sum())} kept as transitions (d4rl.qlearning_dataset's rules: "
+            + (f"{int(timeouts[:-1].sum())} time-out row(s) dropped, {flagged}, since the transition that crosses a "
+               "time-out ends in the next episode; " if flagged else "")
+            + "the last row dropped, it has no next row)")
+    if not keep.any():
+        raise UserError(f"{name}: no usable transition: {rows}. Training needs rows that are neither time-outs nor the last.")
     out = Transitions(
         obs=obs[keep].astype(np.float32),
         action=actions[keep].astype(np.float32),
@@ -367,7 +383,7 @@ def qlearning_transitions(raw: dict[str, np.ndarray], max_episode_steps: int | N
         done=terminals[keep].astype(np.float32),
     )
     validate(out, name)
-    return out
+    return out, rows
 
 
 def _inferred_timeouts(terminals: np.ndarray, max_episode_steps: int) -> np.ndarray:
@@ -488,6 +504,8 @@ def _load_minari(dataset_id: str, download: bool) -> tuple[Transitions, EnvSpec]
     if not (np.all(low == -1.0) and np.all(high == 1.0)):
         # the policies here act in [-1, 1]; evaluation rescales back with gymnasium's RescaleAction
         t = t._replace(action=(2.0 * (t.action - low) / (high - low) - 1.0).astype(np.float32))
+    if t.obs.shape[0] == 0:
+        raise UserError(f"{dataset_id}: its {len(dones)} episodes hold no steps: no transition to train on")
     validate(t, dataset_id)
     meta = dataset.storage.metadata
     env_spec = dataset.spec.env_spec
@@ -500,6 +518,8 @@ def _load_minari(dataset_id: str, download: bool) -> tuple[Transitions, EnvSpec]
         minari_id=dataset_id,
         ref_min_score=meta.get("ref_min_score"),
         ref_max_score=meta.get("ref_max_score"),
+        num_transitions=t.obs.shape[0],
+        rows=f"{t.obs.shape[0]} steps in {len(dones)} episodes, every one kept (Minari stores each step's next observation)",
     )
     return t, spec
 

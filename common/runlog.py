@@ -24,6 +24,7 @@ A run directory holds:
   checkpoint.eqx the agents (all seeds stacked) and random keys at the last evaluation
   results.json   final normalised score per seed, mean and std
   <extra>.npz    what the policy needs besides its parameters (e.g. obs_stats.npz)
+  .lock          the lock that keeps one process per run directory, with its holder's PID (common/runlock.py)
 
 Crash safety. Every file is replaced whole and atomically (written aside, then renamed), so each is
 always either its previous or its next version. The checkpoint, written last at each evaluation, is
@@ -32,7 +33,11 @@ update, so a crash at any moment loses at most the updates since the last evalua
 logs that agree with each other. A fresh start in a directory with no checkpoint (a run killed
 before its first one) replaces that run's files.
 
-User errors (bad flags, impossible resumes, unusable run directories, and the data and environment
+One process per run directory: `Run` locks an existing directory before its checks read it, and a
+fresh run's new directory as soon as it is made, before any file is written; a second process is
+refused (`runlock.acquire`). The lock goes with the process.
+
+User errors (bad flags, impossible resumes, unusable or busy run directories, and the data and environment
 errors of `common.data` / `common.evaluation`) raise `UserError` before any training; `cli` prints
 them as one message and exits with status 2.
 """
@@ -61,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import scores
+from common import runlock, scores
 from common.data import EnvSpec
 from common.errors import UserError
 
@@ -412,10 +417,23 @@ class Run:
         self.extra = extra or {}
         self.update, self.history = 0, {"updates": [], "returns": []}
         self.last_checkpoint: int | None = None
-        if args.resume:
-            self._check_resume()
-        else:
-            self._check_fresh()
+        if getattr(args, "batch_size", None) is not None and spec.num_transitions is not None \
+                and spec.num_transitions < args.batch_size:
+            raise UserError(f"{spec.name}: {spec.num_transitions} usable transitions, fewer than one batch "
+                            f"(--batch-size {args.batch_size}): {spec.rows or 'as loaded'}. Use a smaller --batch-size, "
+                            "or more data.")
+        # one process per run directory: locked before the checks read it (a fresh run's new directory
+        # is locked in `start`, once made)
+        if self.dir.is_dir():
+            runlock.acquire(self.dir)
+        try:
+            if args.resume:
+                self._check_resume()
+            else:
+                self._check_fresh()
+        except UserError:
+            runlock.release(self.dir)
+            raise
 
     # --- checks, before anything is written
     def _check_fresh(self) -> None:
@@ -455,10 +473,21 @@ class Run:
     # --- start: resume the checkpoint, or write a fresh run's files
     def start(self, like: Any) -> Any:
         """The pytree to train from: the checkpoint's when resuming, else `like`. Writes the run's files."""
+        try:
+            return self._start(like)
+        except UserError:
+            runlock.release(self.dir)
+            raise
+
+    def _start(self, like: Any) -> Any:
         tree = {**like, "update": jnp.int32(0)}
         if self.args.resume:
             tree, _ = load_checkpoint(self.dir, tree)
             self.update = self.last_checkpoint = int(tree["update"])
+            if self.update > self.args.num_updates:  # a budget cannot undo updates already made
+                raise UserError(f"--num-updates {self.args.num_updates} is below the checkpoint of the run in {self.dir} "
+                                f"(update {self.update}): a run cannot be shortened. Resume with --num-updates "
+                                f"{self.update} or more, or start a new run.")
             if self.config["changes"]:
                 at = self.update
                 for c in self.config["changes"]:
@@ -495,11 +524,10 @@ class Run:
         d = self.dir
         try:
             d.mkdir(parents=True, exist_ok=True)
-            probe = d / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
         except OSError as e:
             raise UserError(f"cannot write to the run directory {d} ({e.strerror or e}): choose another --run-dir") from None
+        runlock.acquire(d)  # before anything is written in it (and it checks that the directory is writable)
+        self._check_fresh()  # again, now that no other process can write here: one may have just ended
         free = shutil.disk_usage(d).free
         if free < _disk_need(tree):
             raise UserError(f"{d} has {free / 2**20:.0f} MiB free; this run needs about {_disk_need(tree) / 2**20:.0f} MiB "
@@ -585,6 +613,7 @@ class Run:
     def _stop(self, what: str) -> None:
         self.bar.close()
         self.logs.close()
+        runlock.release(self.dir)
         if self.last_checkpoint is not None:
             act = (f"the last good checkpoint (update {self.last_checkpoint}) is in {self.dir}. To continue from it with other settings, "
                    f"name them: --resume --run-dir {self.dir} --allow-change critic-lr --critic-lr <lower>")
@@ -610,4 +639,5 @@ class Run:
                    "final_std": float(per_seed.std()), "episodes_per_seed": int(returns.shape[1])}
         write_json(self.dir / "results.json", results)
         self.logs.close()
+        runlock.release(self.dir)
         return results

@@ -4,19 +4,27 @@ is the same loop over the same Run.
 - A crash at any write point, then the retry a user (or benchmarks/sweep.py) makes, ends with exactly
   the files of an uninterrupted run.
 - Every user error ends with one message and exit status 2, before any run directory is made.
-- A resume refuses another algorithm, other data, or other settings unless named in --allow-change.
+- A resume refuses another algorithm, other data, or other settings unless named in --allow-change,
+  and a budget below its checkpoint.
+- One process per run directory: a second one is refused, naming the holder's PID, and writes nothing;
+  a killed holder's lock goes with it.
+- The sweep runner owns its trainer: killed alone, it leaves none running, and a re-run resumes.
 """
 
+import contextlib
 import csv
+import dataclasses
 import io
 import json
+import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
-from pathlib import Path
-
-import dataclasses
+import time
 import typing
+from pathlib import Path
 
 import h5py
 import jax
@@ -25,7 +33,7 @@ import numpy as np
 import pytest
 
 from algorithms import cql, misa, misa_dv, misa_f, sac, td3_bc
-from common import runlog
+from common import runlock, runlog
 from common.data import write_d4rl_hdf5
 
 from conftest import hopper_rollouts
@@ -111,7 +119,12 @@ def write_bad(path: Path, how: str) -> Path:
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
         return path
-    if how == "nan":
+    if how == "all_timeouts":  # every row ends an episode by its time limit: qlearning_dataset keeps none
+        arrays["timeouts"][:] = True
+        arrays["terminals"][:] = False
+    elif how == "below_batch":  # 20 rows, fewer transitions than one batch of 32
+        arrays = {k: v[:20] for k, v in arrays.items()}
+    elif how == "nan":
         arrays["observations"][5, 1] = np.nan
     elif how == "out_of_range":
         arrays["actions"] *= 3.0
@@ -165,6 +178,9 @@ DATA_CASES = [
     ("out_of_range", "actions must lie in [-1, 1]"),
     ("group", "is a group of ['joint'], not an array"),
     ("unknown_env", "cannot make its evaluation env 'Hoppper-v5'"),
+    ("all_timeouts", "no usable transition: 200 rows read, 0 kept as transitions (d4rl.qlearning_dataset's rules: "
+                     "199 time-out row(s) dropped, flagged in 'timeouts'"),
+    ("below_batch", "fewer than one batch (--batch-size 32): 20 rows read"),
 ]
 
 
@@ -193,7 +209,7 @@ def test_bad_data_is_refused_before_any_work(env, message, tmp_path, monkeypatch
         env = str(write_bad(tmp_path / f"{env}.hdf5", env))
     elif env == "missing.hdf5":
         env = str(tmp_path / env)
-    err = cli_error(["--env", env, "--run-dir", str(tmp_path / "run")], monkeypatch, capsys)
+    err = cli_error(["--env", env, "--run-dir", str(tmp_path / "run"), "--batch-size", "32"], monkeypatch, capsys)
     assert message in err, err
     assert len(err.strip().splitlines()) <= 3, err  # one message, not a dump
     assert not (tmp_path / "run").exists()
@@ -441,3 +457,292 @@ def test_the_nan_stop_names_the_update_and_the_seed(module, at, tiny_hopper, tmp
                      *TINY_FLAGS[name], "--run-dir", str(tmp_path / "run")], monkeypatch, capsys, module)
     assert f"non-finite critic_loss for seed {3 + i} at update {at[i]}." in err, err
     assert ("last good checkpoint (update 20)" if at[i] > 20 else "no checkpoint was written yet") in err
+
+
+# --------------------------------------------------------------------------- hostile resumes (table-driven)
+@pytest.fixture(scope="module")
+def finished_run(tiny_hopper, tmp_path_factory):
+    """A finished 2-seed run of 20 updates (checkpoint at update 20), and the flags that made it."""
+    _, local = tiny_hopper
+    d = tmp_path_factory.mktemp("finished") / "run"
+    args = small(d, local, num_updates=20, eval_every=20, log_every=20)
+    td3_bc.main(args)
+    return d, argv_of(args)
+
+
+def argv_of(args) -> list[str]:
+    """The command line that gives `args` (td3_bc.Args) back, minus --resume."""
+    out = []
+    for k, v in dataclasses.asdict(args).items():
+        if v != getattr(td3_bc.Args(), k) and k != "resume":
+            out += [runlog.flag(k), str(v)]
+    return out
+
+
+@contextlib.contextmanager
+def read_only(d: Path):
+    """`d` made read-only: chmod for a user; root writes through chmod, so `chattr +i` (immutable) for root,
+    or a skip where the file system or the container refuses it."""
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        try:
+            yield
+        finally:
+            d.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode:
+        pytest.skip("running as root, and chattr +i is unavailable here: no way to make a directory read-only")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(d)], check=True)
+
+
+RESUME_CASES = [  # (id, extra flags, what is done to the run directory, what the message says)
+    ("budget below the checkpoint", ["--allow-change", "num-updates", "--num-updates", "10"], None,
+     ["--num-updates 10 is below the checkpoint of the run in", "(update 20)"]),
+    ("read-only run directory", [], read_only, ["cannot write to the run directory", "make it writable"]),
+]
+
+
+@pytest.mark.parametrize("flags,damage,messages", [c[1:] for c in RESUME_CASES], ids=[c[0] for c in RESUME_CASES])
+def test_hostile_resumes_are_one_message_and_change_nothing(flags, damage, messages, finished_run, tmp_path,
+                                                            monkeypatch, capsys):
+    src, argv = finished_run
+    d = tmp_path / "run"
+    shutil.copytree(src, d)
+    unlocked = lambda: {k: v for k, v in snapshot(d).items() if k != runlock.LOCK_NAME}  # the lock takes its PID
+    before = unlocked()
+    argv = [a if a != str(src) else str(d) for a in argv]
+    with damage(d) if damage else contextlib.nullcontext():
+        err = cli_error([*argv, "--resume", *flags], monkeypatch, capsys)
+    assert all(m in err for m in messages) and len(err.strip().splitlines()) == 1, err
+    assert unlocked() == before  # nothing written
+
+
+# --------------------------------------------------------------------------- one process per run directory
+def start(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "algorithms" / "td3_bc.py"), *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_lock(d: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until `proc` holds d's lock (its PID in d/.lock), then freeze it there (SIGSTOP): the second process
+    then meets a live holder, however fast the machine trains."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if (d / runlock.LOCK_NAME).read_text().split()[:1] == [str(proc.pid)]:
+                break
+        except OSError:
+            pass
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the first process never took the lock"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGSTOP)
+
+
+def snapshot(d: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(d)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference_and_partial(tiny_hopper, tmp_path_factory):
+    """An uninterrupted 40-update run's files, and a run of the same command crashed after its first
+    checkpoint (update 20), released by this process as a process's death would release it."""
+    _, local = tiny_hopper
+    root = tmp_path_factory.mktemp("concurrent")
+    td3_bc.main(small(root / "reference", local))
+    partial = root / "partial"
+    real = runlog.save_checkpoint
+    calls = []
+
+    def crash_on_second(run_dir, tree, info=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Crash("second checkpoint")
+        real(run_dir, tree, info)
+
+    runlog.save_checkpoint = crash_on_second
+    try:
+        with pytest.raises(Crash):
+            td3_bc.main(small(partial, local))
+    finally:
+        runlog.save_checkpoint = real
+        runlock.release(partial)
+    return run_files(root / "reference"), partial, local
+
+
+@pytest.mark.parametrize("first,second", [("fresh", "fresh"), ("resume", "resume"), ("fresh", "resume")])
+def test_a_second_process_on_a_run_directory_is_refused(first, second, reference_and_partial, tmp_path):
+    reference, partial, local = reference_and_partial
+    d = tmp_path / "run"
+    if first == "resume":
+        shutil.copytree(partial, d)
+    argv = argv_of(small(d, local))
+    a = start(argv + (["--resume"] if first == "resume" else []))
+    try:
+        wait_for_lock(d, a)
+        before = snapshot(d)
+        b = subprocess.run([sys.executable, str(ROOT / "algorithms" / "td3_bc.py"), *argv,
+                            *(["--resume"] if second == "resume" else [])], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        assert b.returncode == 2 and "Traceback" not in b.stderr, b.stderr
+        assert f"is in use by another process (PID {a.pid})" in b.stderr and len(b.stderr.strip().splitlines()) == 1
+        assert snapshot(d) == before  # the refused process wrote nothing
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    out, err = a.communicate(timeout=300)
+    assert a.returncode == 0, err[-3000:]
+    assert run_files(d) == reference  # the survivor's files are an uninterrupted run's
+
+
+def test_a_killed_holder_does_not_block_a_resume(reference_and_partial, tmp_path):
+    reference, partial, local = reference_and_partial
+    d = tmp_path / "run"
+    shutil.copytree(partial, d)
+    argv = argv_of(small(d, local))
+    a = start(argv + ["--resume"])
+    wait_for_lock(d, a)
+    a.kill()  # SIGKILL: no cleanup runs; the kernel releases the lock with the process
+    a.communicate()
+    b = subprocess.run([sys.executable, str(ROOT / "algorithms" / "td3_bc.py"), *argv, "--resume"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert run_files(d) == reference
+
+
+# --------------------------------------------------------------------------- the sweep runner owns its trainer
+SWEEP_DRIVER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from benchmarks import sweep
+sweep.RUNS, sweep.SUMMARIES = Path({runs!r}), Path({summaries!r})
+sweep.SWEEPS["tiny"] = sweep.Sweep(**{sweep!r})
+sweep.main(sweep.Cli("run", "tiny"))
+"""
+
+
+@pytest.fixture
+def tiny_sweep(tiny_hopper, tmp_path, monkeypatch):
+    """A one-run sweep (td3_bc, 2000 updates, a checkpoint every 250), defined here and in a driver script
+    that runs it as `sweep.py run` does; returns (driver path, run directory, summary path)."""
+    from benchmarks import sweep
+
+    _, local = tiny_hopper
+    spec = dict(description="td3_bc on a tiny file", datasets=[str(local)], variants={"td3_bc": "td3_bc"}, num_seeds=1,
+                num_updates=2000, eval_every=250, log_every=250, common_flags="--hidden-dim 16 --batch-size 16 --eval-episodes 1")
+    runs, summaries = tmp_path / "runs", tmp_path / "summaries"
+    monkeypatch.setattr(sweep, "RUNS", runs)
+    monkeypatch.setattr(sweep, "SUMMARIES", summaries)
+    monkeypatch.setitem(sweep.SWEEPS, "tiny", sweep.Sweep(**spec))
+    driver = tmp_path / "driver.py"
+    driver.write_text(SWEEP_DRIVER.format(root=str(ROOT), runs=str(runs), summaries=str(summaries), sweep=spec))
+    return driver, sweep.run_dir("tiny", "td3_bc", str(local)), sweep.summary_path("tiny", "td3_bc", str(local))
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes whose parent is `pid`."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append((int(stat.parent.name), (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by whoever adopted it, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: signal.Signals(s).name)
+def test_a_killed_sweep_leaves_no_trainer_and_a_rerun_resumes(sig, tiny_sweep, capsys):
+    from benchmarks import sweep
+
+    driver, rd, summary = tiny_sweep
+    # its own session: when the sweep dies while its trainer is stopped, the kernel hangs up the orphaned
+    # process group, which must not be pytest's
+    proc = subprocess.Popen([sys.executable, str(driver)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 180
+    trainer = None
+    while trainer is None or not (rd / "checkpoint.eqx").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        found = [pid for pid, cmd in children(proc.pid) if "algorithms/td3_bc.py" in cmd]
+        trainer = found[0] if found else None
+        time.sleep(0.01)
+    os.kill(trainer, signal.SIGSTOP)  # frozen mid-run, after its first checkpoint, however fast it trains
+    assert not (rd / "results.json").exists()
+    os.kill(proc.pid, sig)  # the sweep process alone
+    os.kill(trainer, signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == (-9 if sig == signal.SIGKILL else 128 + sig), err[-3000:]
+    if sig != signal.SIGKILL:
+        assert "Traceback" not in err and f"stopped by {signal.Signals(sig).name}" in err, err[-3000:]
+    deadline = time.time() + 60
+    while alive(trainer):  # SIGKILL: the kernel kills it (PR_SET_PDEATHSIG); else the sweep waited for it
+        assert time.time() < deadline, f"the trainer {trainer} outlived the sweep"
+        time.sleep(0.05)
+    assert not (rd / "results.json").exists()
+
+    capsys.readouterr()
+    assert sweep.run("tiny") == []
+    starts = [line for line in capsys.readouterr().out.splitlines() if "python" in line]
+    assert len(starts) == 1 and starts[0].endswith("--resume"), starts
+    s = json.loads(summary.read_text())
+    assert s["curve"]["updates"] == list(range(250, 2001, 250)) and math.isfinite(s["wall_time_s"])
+    rows = [(r["update"], r["seed"]) for r in csv.DictReader(open(rd / "train.csv"))]
+    assert len(rows) == len(set(rows)) == 9  # no duplicate rows (the first chunk ends at update 10)
+
+
+def test_a_sweep_never_starts_a_run_whose_directory_is_in_use(tiny_sweep, capsys):
+    from benchmarks import sweep
+
+    _, rd, summary = tiny_sweep
+    rd.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from common import runlock; "
+                               "runlock.acquire(sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(rd)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        left = sweep.run("tiny")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(left) == 1 and f"PID {holder.pid}" in left[0]
+    assert f"skipped, its run directory" in capsys.readouterr().out and not summary.exists()
+    assert sorted(p.name for p in rd.iterdir()) == [".lock"]  # nothing started there
+
+
+def test_wall_time_is_a_number(tmp_path):
+    from benchmarks import sweep
+
+    (tmp_path / "train.csv").write_text("update,seed,loss,updates_per_s\n250,0,1,100\n250,1,1,100\n"
+                                        "500,0,1,50\n500,1,1,50\n")
+    assert sweep.wall_time(tmp_path) == (7.5, "train.csv (training chunks only)")  # 250/100 + 250/50
+    (tmp_path / "wall_time.json").write_text('{"seconds": NaN}')
+    assert sweep.wall_time(tmp_path)[0] == 7.5
+    (tmp_path / "wall_time.json").write_text('{"seconds": 12.5}')
+    assert sweep.wall_time(tmp_path) == (12.5, "sweep")
+
+
+def test_an_extension_is_the_uninterrupted_run_when_the_old_budget_is_on_the_grid(reference_and_partial, tmp_path):
+    """README's extension semantics: 20 -> 40 updates (a multiple of --eval-every 20) gives the files of
+    the uninterrupted 40-update run; 30 -> 40 keeps the evaluation at 30, off the grid."""
+    reference, _, local = reference_and_partial
+    for old, evals in [(20, [20, 40]), (30, [20, 30, 40])]:
+        d = tmp_path / f"from{old}"
+        td3_bc.main(small(d, local, num_updates=old))
+        td3_bc.main(small(d, local, resume=True, allow_change=["num-updates"]))
+        files = run_files(d)
+        assert files["returns"][0] == evals and files["args"].pop("allow_change") == ["num-updates"]
+        assert (files == {**reference, "args": {k: v for k, v in reference["args"].items() if k != "allow_change"}}) \
+            == (old == 20)

@@ -1,9 +1,13 @@
 """Online SAC (algorithms/sac.py): the tanh-Gaussian density, exact resumption, the kept replay buffer.
 InvertedDoublePendulum-v5: a MuJoCo env whose random play ends in true terminations within ~10 steps."""
 
+import csv
 import json
 import math
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -15,6 +19,7 @@ from algorithms import sac
 from common import runlog
 from common.errors import UserError
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(env="InvertedDoublePendulum-v5", hidden_dim=32, batch_size=32, learning_starts=100, checkpoint_every=100,
             update_every=10, eval_episodes=2, progress=False)
 
@@ -77,7 +82,7 @@ def test_impossible_resumes_are_one_message(tmp_path, monkeypatch, capsys):
     assert "stopped before its first checkpoint (at env step 5000)" in resume(other)
     (other / "config.json").write_text(json.dumps({"algo": "sac"}))
     assert "is damaged (it holds no run settings)" in resume(other)
-    assert sorted(p.name for p in other.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in other.iterdir()) == [".lock", "config.json"]  # the lock file: see common/runlock.py
 
 
 def test_buffer_keeps_every_transition_with_d4rl_semantics(tmp_path):
@@ -163,3 +168,59 @@ def test_the_nan_stop_names_the_update_and_the_seed(tmp_path, monkeypatch):
 def test_a_seed_beyond_32_bits_trains(tmp_path):
     run = sac.train(sac.Args(**TINY, total_steps=100, seed=2**40, run_dir=str(tmp_path / "big")))
     assert json.loads((run / "checkpoint.json").read_text())["seeds"] == [2**40]
+
+
+class Crash(Exception):
+    pass
+
+
+def rows(run_dir, name: str) -> list[dict]:
+    """A CSV log's rows without its wall-clock column."""
+    out = list(csv.DictReader(open(run_dir / f"{name}.csv")))
+    for r in out:
+        r.pop("steps_per_s", None)
+    return out
+
+
+def test_a_restart_before_the_first_checkpoint_replaces_the_logs(tmp_path, monkeypatch):
+    """Killed after logging its first checkpoint's rows but before the checkpoint itself: the --resume
+    refusal says "its logs are replaced", and a start again without --resume does replace them."""
+    full = sac.train(sac.Args(**TINY, total_steps=200, run_dir=str(tmp_path / "full")))
+    d = tmp_path / "run"
+    real = runlog.save_checkpoint
+    monkeypatch.setattr(runlog, "save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+    with pytest.raises(Crash):
+        sac.train(sac.Args(**TINY, total_steps=200, run_dir=str(d)))
+    monkeypatch.setattr(runlog, "save_checkpoint", real)
+    assert len(rows(d, "train")) == 1 and not (d / "checkpoint.eqx").exists()
+    with pytest.raises(UserError, match="its logs are replaced"):
+        sac.train(sac.Args(**TINY, total_steps=200, run_dir=str(d), resume=True))
+    sac.train(sac.Args(**TINY, total_steps=200, run_dir=str(d)))
+    train = rows(d, "train")
+    assert len({(r["update"], r["seed"]) for r in train}) == len(train) == 2  # no duplicate rows
+    assert train == rows(full, "train") and rows(d, "eval") == rows(full, "eval")
+    assert sorted(p.name for p in (d / "buffer").iterdir()) == sorted(p.name for p in (full / "buffer").iterdir())
+    np.testing.assert_array_equal(sac.read_evals(d)["steps"], [100, 200])
+
+
+def test_a_second_process_on_a_sac_run_directory_is_refused(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from common import runlock; "
+                               "runlock.acquire(sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(d)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"is in use by another process \\(PID {holder.pid}\\)"):
+            sac.train(sac.Args(**TINY, total_steps=100, run_dir=str(d)))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in d.iterdir()) == [".lock"]
+    sac.train(sac.Args(**TINY, total_steps=100, run_dir=str(d)))  # the holder is dead: its lock went with it
+
+
+def test_a_budget_below_the_checkpoint_is_refused(tmp_path):
+    d = sac.train(sac.Args(**TINY, total_steps=200, run_dir=str(tmp_path / "run")))
+    with pytest.raises(UserError, match="already at step 200 > --total-steps 100"):
+        sac.train(sac.Args(**TINY, total_steps=100, run_dir=str(d), resume=True))
