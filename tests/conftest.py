@@ -25,6 +25,14 @@ from common.data import Transitions, write_d4rl_hdf5  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+def killable_env() -> dict[str, str]:
+    """The environment for a process a test may SIGKILL (or freeze while another runs): without the shared
+    compilation cache, because JAX writes a cache entry in place (not atomically), so a writer killed
+    mid-write leaves a truncated entry that segfaults whichever process loads it next."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    return {**env, "JAX_ENABLE_COMPILATION_CACHE": "false"}
+
+
 def hopper_rollouts(n: int, seed: int = 0, max_steps: int = 60) -> dict[str, np.ndarray]:
     """n transitions of a uniform-random policy in Hopper-v5, D4RL layout; episodes are cut at
     `max_steps` so the data has both terminals (falls) and time-outs."""
