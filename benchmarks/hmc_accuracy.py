@@ -13,6 +13,13 @@ sample std to reference std over states and dimensions, the kept steps' acceptan
 and the Stein scale (the accuracy proxy logged in training: 1 for exact samples). A cell passes when
 acceptance >= 0.5, mean error <= 0.2 and every std ratio within 1.3x. An entry is `algo[@commit][:field=value,...]`
 (benchmarks/speed.py's syntax: @commit measures the file as it was then).
+
+    python benchmarks/hmc_accuracy.py --run-dir RUN --out results/hmc-run.md
+
+measures the same on the networks of a trained MISA run instead (its checkpoint's actor and critic of
+one seed, 16 of its dataset's states, chains started at their dataset actions where a start is
+taken; the NUTS reference computed there, minutes): where that run sits in the grid (its policy's
+log-std, its Q spread) and whether the sampler is right there.
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -83,6 +89,44 @@ def run_cell(one, args, actor, critic, obs, dataset_u, mean, std, seed: int = 0)
             "std_ratio_max": float(ratio.max()), "stein_scale": float(np.mean(stein))}
 
 
+def run_target(run_dir: str, seed: int | None = None) -> tuple[dict, tuple]:
+    """The sampler's target in a trained run: (a description, (actor, critic, observations, dataset
+    actions) of one seed at its checkpoint and 16 dataset states, observations normalised as in training)."""
+    from common import data
+    from common.errors import UserError
+    from tools.agent import LoadError, load_agents
+
+    try:
+        agents = load_agents(run_dir, None if seed is None else [seed])
+    except LoadError as e:
+        raise UserError(str(e)) from None
+    if not hasattr(agents.module, "sample_improved_actions"):
+        raise UserError(f"{run_dir} is a {agents.algo} run: --run-dir takes a run of misa, misa_dv or misa_f (their "
+                        "sampler's target needs the MISA policy and critic)")
+    first = lambda tree: jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, tree)
+    actor, critic = first(agents.states.actor), first(agents.states.critic)
+    dataset, _ = data.load(agents.args.env)
+    rows = np.random.default_rng(0).choice(len(dataset.obs), reference.STATES, replace=False)
+    obs = jnp.asarray((np.asarray(dataset.obs)[rows] - agents.obs_mean) / agents.obs_std)
+    _, log_std = jax.vmap(actor)(obs)
+    about = {"run": str(run_dir), "seed": agents.seeds[0], "update": agents.update, "env": agents.args.env,
+             "log_std": [round(float(x), 2) for x in np.asarray(log_std).mean(0)],
+             "spread": reference.q_spread(actor, critic, obs)}
+    return about, (actor, critic, obs, jnp.asarray(np.asarray(dataset.action)[rows]))
+
+
+def run_rows(entry: str, target: tuple, mean: np.ndarray, std: np.ndarray, about: dict, seed: int = 0) -> list[dict]:
+    """One row (start: the dataset actions, or a resample of policy actions) for a run's target."""
+    name, overrides = parse(entry)
+    module = load_algorithm(name)
+    args = module.Args(**{"num_samples": K, "hmc_burnin": 5, "hmc_leapfrog": 2, **overrides})
+    one, start_kind = sampler(module, args)
+    actor, critic, obs, actions = target
+    row = run_cell(one, args, actor, critic, obs, jnp.arctanh(jnp.clip(actions, -0.999, 0.999)), mean, std, seed)
+    return [{"entry": entry, "shift": "run", "spread": about["spread"], "start": "any" if start_kind == "resample"
+             else "inside", **row, "ok": passes(row)}]
+
+
 def grid(entry: str, seed: int = 0, cells: list[tuple[str, float]] | None = None) -> list[dict]:
     """Every cell of the grid (or those (shift, spread) in `cells`) for one sampler entry."""
     name, overrides = parse(entry)
@@ -112,21 +156,35 @@ class Config:
     """markdown table (a JSON of the rows is written beside it)"""
     spreads: list[float] = dataclasses.field(default_factory=lambda: list(reference.SPREADS))
     """only the cells of these Q spreads (a quicker look at one regime)"""
+    run_dir: str | None = None
+    """measure on this trained MISA run's networks instead of the grid's targets"""
+    run_seed: int | None = None
+    """with --run-dir: the seed whose agent to take (default: the run's first)"""
 
 
 def main(cfg: Config) -> None:
     t = time.time()
-    cells = [(shift, spread) for shift in reference.SHIFTS for spread in cfg.spreads]
-    rows = [row for entry in cfg.entries for row in grid(entry, cells=cells)]
+    target_lines = []
+    if cfg.run_dir is not None:
+        about, target = run_target(cfg.run_dir, cfg.run_seed)
+        mean, std, accept, divergent = map(np.asarray, reference.nuts_moments(*target[:3], jax.random.PRNGKey(0)))
+        rows = [row for entry in cfg.entries for row in run_rows(entry, target, mean, std, about)]
+        target_lines = [f"Target: the networks of seed {about['seed']} of `{about['run']}` ({about['env']}) at update "
+                        f"{about['update']}, on {reference.STATES} of its dataset's states: policy log-std per action "
+                        f"dimension {about['log_std']} (mean over the states), Q spread {about['spread']:.2f} units over 50 "
+                        f"policy actions; NUTS reference acceptance {accept.mean():.2f}, {int(divergent.sum())} divergences.", ""]
+    else:
+        cells = [(shift, spread) for shift in reference.SHIFTS for spread in cfg.spreads]
+        rows = [row for entry in cfg.entries for row in grid(entry, cells=cells)]
     lines = ["# HMC sampler accuracy in trained regimes", "",
              f"Written by `python benchmarks/hmc_accuracy.py {' '.join(sys.argv[1:])}` "
              f"({time.time() - t:.0f} s); method in that file's docstring, targets and NUTS reference in "
              "`tests/hmc_reference.py`. Pass: acceptance >= 0.5, every state's mean within 0.2 reference std, "
-             "every std ratio within 1.3x.", "",
+             "every std ratio within 1.3x.", "", *target_lines,
              "| sampler | log-std shift | Q spread | start | acceptance | step (policy stds) | max mean error (ref std) "
              "| std ratio (min-max) | Stein scale | pass |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| `{r['entry']}` | {r['shift']} | {r['spread']:g} | {r['start']} | {r['acceptance']:.2f} | "
+        lines.append(f"| `{r['entry']}` | {r['shift']} | {r['spread']:.3g} | {r['start']} | {r['acceptance']:.2f} | "
                      f"{r['step']:.2f} | {r['mean_error']:.2f} | {r['std_ratio_min']:.2f}-{r['std_ratio_max']:.2f} | "
                      f"{r['stein_scale']:.2f} | {'yes' if r['ok'] else '**no**'} |")
     for entry in cfg.entries:
@@ -140,4 +198,6 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    from common import runlog
+
+    runlog.cli(main, Config)

@@ -203,3 +203,24 @@ def test_bad_input_is_one_message_and_changes_nothing(runs, tmp_path, monkeypatc
     assert out.stderr.startswith("error: cannot render Hopper-v5 (MUJOCO_GL=glfw") and "apt-get install" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.gif").exists()
     assert snapshot(d) == before
+
+
+def test_the_sampler_accuracy_on_a_trained_runs_networks(runs, tmp_path, monkeypatch):
+    """benchmarks/hmc_accuracy.py --run-dir: the sampler against NUTS on a MISA run's own networks (short
+    chains here: the tiny run's target is near the policy), and a run of another algorithm is one message."""
+    from benchmarks import hmc_accuracy
+
+    monkeypatch.setattr(hmc_accuracy.reference, "WARMUP", 50)
+    monkeypatch.setattr(hmc_accuracy.reference, "DRAWS", 100)
+    monkeypatch.setattr(hmc_accuracy, "CARRIED", 3)
+    monkeypatch.setattr(hmc_accuracy, "POOLED", 2)
+    out = tmp_path / "hmc-run.md"
+    hmc_accuracy.main(hmc_accuracy.Config(run_dir=str(runs["misa"]), out=str(out)))
+    text = out.read_text()
+    assert f"Target: the networks of seed 0 of `{runs['misa']}`" in text and "at update 40" in text, text
+    [row] = json.loads(out.with_suffix(".json").read_text())
+    assert row["entry"] == "misa" and row["shift"] == "run" and row["spread"] > 0 and 0 < row["acceptance"] <= 1
+    bad = subprocess.run([sys.executable, "benchmarks/hmc_accuracy.py", "--run-dir", str(runs["td3_bc"]), "--out",
+                          str(tmp_path / "x.md")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "is a td3_bc run" in bad.stderr, bad.stderr
+    assert not (tmp_path / "x.md").exists()

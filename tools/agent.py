@@ -57,6 +57,7 @@ class Agents:
     obs_dim: int
     act_dim: int
     actors: Any  # the algorithm's Actor, arrays stacked over seeds
+    states: Any  # the algorithm's whole agent state at the checkpoint (critic included), stacked over seeds
     obs_mean: np.ndarray | None  # None: the algorithm takes raw observations (sac)
     obs_std: np.ndarray | None
     ignored: list[str]  # settings in config.json that the algorithm file no longer has
@@ -153,7 +154,7 @@ def load_agents(run_dir: str | os.PathLike, seeds: list[int] | None = None,
         raise LoadError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is damaged") from None
 
     index = jnp.asarray([run_seeds.index(s) for s in seeds])
-    actors = jax.tree.map(lambda x: x[index] if eqx.is_array(x) else x, tree["state"].actor)
+    states = jax.tree.map(lambda x: x[index] if eqx.is_array(x) else x, tree["state"])
     obs_mean = obs_std = None
     if hasattr(module, "act"):  # the offline files normalise observations with the dataset's statistics
         stats_path = run_dir / "obs_stats.npz"
@@ -167,7 +168,7 @@ def load_agents(run_dir: str | os.PathLike, seeds: list[int] | None = None,
                             f"agents take {obs_dim}-D ones: the run directory mixes files of two runs")
     count = tree["step"] if algo == "sac" else tree["update"]
     return Agents(run_dir=run_dir, algo=algo, module=module, args=args, config=config, seeds=seeds,
-                  update=int(count), obs_dim=obs_dim, act_dim=act_dim, actors=actors, obs_mean=obs_mean,
+                  update=int(count), obs_dim=obs_dim, act_dim=act_dim, actors=states.actor, states=states, obs_mean=obs_mean,
                   obs_std=obs_std, ignored=sorted(set(saved) - fields))
 
 
