@@ -25,12 +25,15 @@ from common.data import Transitions, write_d4rl_hdf5  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-def killable_env() -> dict[str, str]:
-    """The environment for a process a test may SIGKILL (or freeze while another runs): without the shared
-    compilation cache, because JAX writes a cache entry in place (not atomically), so a writer killed
-    mid-write leaves a truncated entry that segfaults whichever process loads it next."""
+def uncached_env(**extra: str) -> dict[str, str]:
+    """The environment (plus `extra`) for a process that must not share the suite's compilation cache:
+    - one a test may SIGKILL or freeze while others run: JAX writes a cache entry in place (not atomically),
+      so a writer killed or stopped mid-write leaves a truncated entry that segfaults the next reader;
+    - one with a forced host device count (XLA_FLAGS=--xla_force_host_platform_device_count=N): JAX leaves
+      that flag out of its cache key, so its executables would be loaded by one-device processes, which
+      segfault on them (seen: the fresh-clone suite died in test_runs after test_gpu_check had run)."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    return {**env, "JAX_ENABLE_COMPILATION_CACHE": "false"}
+    return {**env, "JAX_ENABLE_COMPILATION_CACHE": "false", **extra}
 
 
 def hopper_rollouts(n: int, seed: int = 0, max_steps: int = 60) -> dict[str, np.ndarray]:

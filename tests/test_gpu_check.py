@@ -14,6 +14,7 @@ import pytest
 
 from algorithms import misa, misa_dv, misa_f
 from benchmarks import gpu_estimates, speed
+from conftest import uncached_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEED_KEYS = {"algo", "num_seeds", "chunk", "updates_per_s", "seed_updates_per_s", "compile_s", "chunk_s",
@@ -87,7 +88,7 @@ assert a["float32_state_rel"] == 0.0 and a["default_state_rel"] == 0.0 and a["de
 assert a["rounding_state_rel"] < 1e-3 and a["tolerance"] >= 1e-5, a  # seeds alone vs vmapped: float rounding
 print("ok")
 """
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = uncached_env(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 

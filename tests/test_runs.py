@@ -36,7 +36,7 @@ from algorithms import cql, misa, misa_dv, misa_f, sac, td3_bc
 from common import runlock, runlog
 from common.data import write_d4rl_hdf5
 
-from conftest import hopper_rollouts, killable_env
+from conftest import hopper_rollouts, uncached_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -523,7 +523,7 @@ def test_hostile_resumes_are_one_message_and_change_nothing(flags, damage, messa
 # --------------------------------------------------------------------------- one process per run directory
 def start(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "algorithms" / "td3_bc.py"), *argv], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=killable_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=uncached_env())
 
 
 def wait_for_lock(d: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -671,7 +671,7 @@ def test_a_killed_sweep_leaves_no_trainer_and_a_rerun_resumes(sig, tiny_sweep, c
     # its own session: when the sweep dies while its trainer is stopped, the kernel hangs up the orphaned
     # process group, which must not be pytest's
     proc = subprocess.Popen([sys.executable, str(driver)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env=killable_env())  # its trainer may be SIGKILLed
+                            text=True, start_new_session=True, env=uncached_env())  # its trainer may be SIGKILLed
     deadline = time.time() + 180
     trainer = None
     while trainer is None or not (rd / "checkpoint.eqx").exists():
