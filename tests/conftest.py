@@ -23,6 +23,10 @@ import pytest  # noqa: E402
 from common.data import Transitions, write_d4rl_hdf5  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The persistent cache serves the scripts this suite launches (each a fresh process); this long-lived
+# process compiles each program once anyway, and loading cached executables into it after the sweep
+# tests segfaulted XLA (three fresh-clone runs, in test_runs, the same test each time)
+jax.config.update("jax_enable_compilation_cache", False)
 
 
 def uncached_env(**extra: str) -> dict[str, str]:
