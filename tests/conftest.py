@@ -40,6 +40,19 @@ def uncached_env(**extra: str) -> dict[str, str]:
     return {**env, "JAX_ENABLE_COMPILATION_CACHE": "false", **extra}
 
 
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes whose parent is `pid`."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append((int(stat.parent.name), (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    return out
+
+
 def hopper_rollouts(n: int, seed: int = 0, max_steps: int = 60) -> dict[str, np.ndarray]:
     """n transitions of a uniform-random policy in Hopper-v5, D4RL layout; episodes are cut at
     `max_steps` so the data has both terminals (falls) and time-outs."""

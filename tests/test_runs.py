@@ -36,7 +36,7 @@ from algorithms import cql, misa, misa_dv, misa_f, sac, td3_bc
 from common import runlock, runlog
 from common.data import write_d4rl_hdf5
 
-from conftest import hopper_rollouts, uncached_env
+from conftest import children, hopper_rollouts, uncached_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -640,19 +640,6 @@ def tiny_sweep(tiny_hopper, tmp_path, monkeypatch):
     driver = tmp_path / "driver.py"
     driver.write_text(SWEEP_DRIVER.format(root=str(ROOT), runs=str(runs), summaries=str(summaries), sweep=spec))
     return driver, sweep.run_dir("tiny", "td3_bc", str(local)), sweep.summary_path("tiny", "td3_bc", str(local))
-
-
-def children(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of the processes whose parent is `pid`."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                out.append((int(stat.parent.name), (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
-        except (OSError, IndexError, ValueError):
-            continue  # a process that ended meanwhile
-    return out
 
 
 def alive(pid: int) -> bool:

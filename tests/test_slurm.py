@@ -14,6 +14,7 @@ import pytest
 from submitit.core.utils import DelayedSubmission
 
 from benchmarks import sweep
+from conftest import children
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,19 +30,6 @@ def tiny_grid(tiny_hopper, tmp_path, monkeypatch):
                                                               "td3_bc a=2.5": "td3_bc --alpha 2.5"},
                        num_seeds=1, num_updates=4000, eval_every=500, log_every=500,
                        common_flags="--hidden-dim 16 --batch-size 16 --eval-episodes 1")
-
-
-def children(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of the processes whose parent is `pid`."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                out.append((int(stat.parent.name), (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
-        except (OSError, IndexError, ValueError):
-            continue  # a process that ended meanwhile
-    return out
 
 
 def test_job_array_requeues_a_preempted_run_which_resumes(tiny_grid, tmp_path, capsys):
