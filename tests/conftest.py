@@ -1,3 +1,4 @@
+import gc
 import json
 import os
 import subprocess
@@ -24,9 +25,30 @@ from common.data import Transitions, write_d4rl_hdf5  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # The persistent cache serves the scripts this suite launches (each a fresh process); this long-lived
-# process compiles each program once anyway, and loading cached executables into it after the sweep
-# tests segfaulted XLA (three fresh-clone runs, in test_runs, the same test each time)
+# process compiles each program once anyway
 jax.config.update("jax_enable_compilation_cache", False)
+
+
+def _memory_mappings() -> tuple[int, int]:
+    """(mappings this process holds, the kernel's limit per process); (0, 1) where /proc is absent."""
+    try:
+        with open("/proc/self/maps") as maps, open("/proc/sys/vm/max_map_count") as limit:
+            return sum(1 for _ in maps), int(limit.read())
+    except OSError:
+        return 0, 1
+
+
+@pytest.fixture(autouse=True)
+def _free_compiled_programs():
+    """Every compiled XLA:CPU program keeps memory mappings of its own, and this one process compiles
+    thousands: past the kernel's vm.max_map_count (65530 by default) XLA segfaults mid-compile (it did,
+    in fresh-clone runs, ~20 min in). Drop JAX's compiled programs once half the limit is used."""
+    yield
+    used, limit = _memory_mappings()
+    if used > limit // 2:
+        jax.clear_caches()
+        eqx.clear_caches()
+        gc.collect()
 
 
 def uncached_env(**extra: str) -> dict[str, str]:

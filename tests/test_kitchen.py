@@ -127,6 +127,10 @@ def _kitchen_file(path: Path, episodes: int = 2, steps: int = 60, seed: int = 0)
             for k, v in zip(cols, (obs, a, r, term, t == steps - 1 and not term)):
                 cols[k].append(v)
             obs = nxt
+    # random actions complete no task, so every reward is 0 and the kitchen preset's --reward-norm (scaling by
+    # the range) refuses the file; D4RL's files count completed tasks: the last steps of the last episode here
+    # count one
+    cols["rewards"][-steps // 4:] = [1.0] * (steps // 4)
     data.write_d4rl_hdf5(path, {k: np.asarray(v) for k, v in cols.items()})
 
 

@@ -650,10 +650,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-# -m slow: in the fresh-clone default suite (every file, one process), an in-process XLA compile segfaulted
-# right after these tests (four runs, always the first compile of test_an_extension_...); they pass alone
-# (`python -m pytest -m slow tests/test_runs.py`), and the cause is not found yet
-@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: signal.Signals(s).name)
 def test_a_killed_sweep_leaves_no_trainer_and_a_rerun_resumes(sig, tiny_sweep, capsys):
     from benchmarks import sweep
@@ -694,7 +690,6 @@ def test_a_killed_sweep_leaves_no_trainer_and_a_rerun_resumes(sig, tiny_sweep, c
     assert len(rows) == len(set(rows)) == 9  # no duplicate rows (the first chunk ends at update 10)
 
 
-@pytest.mark.slow  # see test_a_killed_sweep_leaves_no_trainer_and_a_rerun_resumes
 def test_a_sweep_never_starts_a_run_whose_directory_is_in_use(tiny_sweep, capsys):
     from benchmarks import sweep
 
@@ -726,7 +721,6 @@ def test_wall_time_is_a_number(tmp_path):
     assert sweep.wall_time(tmp_path) == (12.5, "sweep")
 
 
-@pytest.mark.slow  # see test_a_killed_sweep_leaves_no_trainer_and_a_rerun_resumes
 def test_an_extension_is_the_uninterrupted_run_when_the_old_budget_is_on_the_grid(reference_and_partial, tmp_path):
     """README's extension semantics: 20 -> 40 updates (a multiple of --eval-every 20) gives the files of
     the uninterrupted 40-update run; 30 -> 40 keeps the evaluation at 30, off the grid."""
