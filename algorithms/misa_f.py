@@ -154,9 +154,13 @@ class Args:
     """each HMC step draws its step size uniformly within +-jitter of the current one: breaks the
     resonances of a fixed trajectory length (which left some dimensions' spread 15 % short)"""
     hmc_start: Literal["resample", "dataset"] = "resample"
-    """where each chain starts: resample, one of the K policy actions of the critic's regulariser drawn
-    with probability ∝ exp(Q / temperature) (an importance sample of p); dataset, the dataset action
-    (official code; far in the policy's tail once the policy narrows)"""
+    """where each chain starts: resample, an importance resample of p among the K policy actions of the
+    critic's regulariser and K actions from the policy widened by each --hmc-start-widths; dataset, the
+    dataset action (official code; far in the policy's tail once the policy narrows)"""
+    hmc_start_widths: tuple[float, ...] = (3.0, 10.0, 30.0)
+    """with --hmc-start resample: std factors of the widened policies the chains' starts are also drawn
+    from, so that a start lies near p where Q puts it many policy stds from pi (results/hmc-accuracy.md);
+    none (--hmc-start-widths with no value): the K policy actions alone"""
     hmc_chains: Literal["auto", "sequential", "parallel"] = "auto"
     """sequential: one chain per state gives K successive samples (official); parallel: K chains per
     state, one sample each (fewer sequential steps: faster on a GPU); auto: sequential on a CPU,
@@ -197,6 +201,7 @@ RULES = {
     "num_layers": ">= 1", "discount": "[0, 1]", "tau": "(0, 1]", "target_entropy": "any", "reward_scale": "any",
     "reward_bias": "any", "num_samples": ">= 1", "min_q_weight": ">= 0", "temperature": "> 0",
     "bc_weight": ">= 0", "unbiased_weight": ">= 0", "hmc_burnin": ">= 0", "hmc_leapfrog": ">= 1", "hmc_step_size": "> 0",
+    "hmc_start_widths": "> 0",
     "hmc_target_accept": "(0, 1)", "hmc_adapt_rate": ">= 0", "hmc_step_jitter": "[0, 1)", "lagrange_tau": "> 0",
     "lagrange_init": "any", "lagrange_lr": "> 0",
 }
@@ -487,12 +492,27 @@ def sample_improved_actions(actor: Actor, critic: Critic, obs: jax.Array, start:
                "hmc_stein_scale": jax.vmap(stein_scale)(u, grads).mean(), "log_step": next_log_step}
 
 
-def resample_policy_samples(u_policy: jax.Array, q_policy: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
-    """K draws per state among its K policy samples with probability ∝ exp(Q / temperature): an
-    importance resample of p(a|s) ∝ pi(a|s) exp Q(s, a), where parallel chains start (so that a few
-    burn-in steps suffice). u_policy (B, K, A), q_policy (B, K) -> (B, K, A)."""
-    idx = jax.random.categorical(key, q_policy / temperature, axis=-1, shape=q_policy.shape[::-1]).T  # (B, K)
-    return jnp.take_along_axis(u_policy, idx[..., None], axis=1)
+def resample_start(actor: Actor, critic: Critic, obs: jax.Array, u_policy: jax.Array, key: jax.Array,
+                   args: Args) -> jax.Array:
+    """K chain starts per state, an importance resample of p(u|s) ∝ N(u; mu, sigma) exp(min Q / temperature):
+    candidates are the K policy actions u_policy (B, K, A) and K draws of N(mu, (w sigma)^2) for each width
+    w of --hmc-start-widths, each drawn with probability ∝ p / (the candidates' mixture density). The wide
+    draws reach p where Q has moved it many policy stds away, narrower than pi, where the policy's own
+    actions (and a few burn-in steps from them) do not. -> (B, K, A)."""
+    widths = jnp.asarray((1.0, *args.hmc_start_widths))
+    B, K, A = u_policy.shape
+    mu, log_std = jax.vmap(actor)(obs)
+    wide_key, pick_key = jax.random.split(key)
+    scale = jnp.repeat(widths[1:], K)[None, :, None] * jnp.exp(log_std)[:, None]
+    u_wide = mu[:, None] + scale * jax.random.normal(wide_key, (B, K * (len(widths) - 1), A))
+    u = jnp.concatenate([u_policy, u_wide], axis=1)
+    q = jax.vmap(jax.vmap(lambda o, a: critic(o, jnp.tanh(a)).min(), in_axes=(None, 0)))(obs, u)
+    z2 = jnp.sum(((u - mu[:, None]) / jnp.exp(log_std)[:, None]) ** 2, axis=-1)  # (B, candidates)
+    w = widths[None, None]
+    log_mixture = jax.nn.logsumexp(-0.5 * z2[..., None] / w**2 - A * jnp.log(w), axis=-1)  # equal shares
+    log_weight = -0.5 * z2 + q / args.temperature - log_mixture
+    idx = jax.random.categorical(pick_key, log_weight, axis=-1, shape=(K, B)).T  # (B, K)
+    return jnp.take_along_axis(u, idx[..., None], axis=1)
 
 
 def actor_loss(actor: Actor, batch: Transitions, critic: Critic, alpha: jax.Array, u_correction: jax.Array,
@@ -599,9 +619,8 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
         if args.hmc_start == "dataset":  # the official start
             start = pre_tanh(batch.action)
             start = start if args.hmc_chains == "sequential" else jnp.broadcast_to(start[:, None], noise.policy.shape)
-        else:  # an exp(Q) resample of the regulariser's K policy actions per chain (sequential: the first)
-            start = resample_policy_samples(critic_extras["u_policy"], critic_extras["q_samples_min"], start_key,
-                                            args.temperature)
+        else:  # an importance resample of p per chain (sequential: the first)
+            start = resample_start(actor, critic, batch.obs, critic_extras["u_policy"], start_key, args)
             start = start[:, 0] if args.hmc_chains == "sequential" else start
         return sample_improved_actions(actor, critic, batch.obs, start, log_step, hmc_key, args)
 

@@ -11,7 +11,9 @@ to the next, then the samples of 20 more updates (20 x 50 per state) are pooled 
 NUTS reference: the largest error of a state's mean (in reference stds), the range of the ratio of
 sample std to reference std over states and dimensions, the kept steps' acceptance, the final step
 and the Stein scale (the accuracy proxy logged in training: 1 for exact samples). A cell passes when
-acceptance >= 0.5, mean error <= 0.2 and every std ratio within 1.3x. An entry is `algo[@commit][:field=value,...]`
+acceptance >= 0.5, mean error <= 0.2 and every std ratio within 1.3x. --hmc-chains auto resolves as in
+training on this backend (sequential on a CPU: one chain per state; `:hmc_chains=parallel` measures the GPU
+layout, K chains per state). An entry is `algo[@commit][:field=value,...]`
 (benchmarks/speed.py's syntax: @commit measures the file as it was then).
 
     python benchmarks/hmc_accuracy.py --run-dir RUN --out results/hmc-run.md
@@ -50,8 +52,8 @@ def passes(row: dict) -> bool:
 
 
 def sampler(module, args):
-    """One update's sampling as `update` does it: the start (an exp(Q) resample of K policy actions, or
-    the given dataset actions), then module.sample_improved_actions. Compiled once per entry."""
+    """One update's sampling as `update` does it: the start (module.resample_start from K policy actions,
+    or the given dataset actions), then module.sample_improved_actions. Compiled once per entry."""
     start_kind = getattr(args, "hmc_start", "dataset")
 
     @eqx.filter_jit
@@ -59,8 +61,11 @@ def sampler(module, args):
         k_policy, k_resample, k_chain = jax.random.split(key, 3)
         mu, log_std = jax.vmap(actor)(obs)
         u_policy = mu[:, None] + jnp.exp(log_std)[:, None] * jax.random.normal(k_policy, (obs.shape[0], K, mu.shape[1]))
-        q = jax.vmap(jax.vmap(lambda o, u: critic(o, jnp.tanh(u)).min(), in_axes=(None, 0)))(obs, u_policy)
-        if start_kind == "resample":
+        if start_kind == "resample" and hasattr(module, "resample_start"):
+            start = module.resample_start(actor, critic, obs, u_policy, k_resample, args)
+            start = start[:, 0] if args.hmc_chains == "sequential" else start
+        elif start_kind == "resample":  # an entry @commit before the widened start: exp(Q) among the K
+            q = jax.vmap(jax.vmap(lambda o, u: critic(o, jnp.tanh(u)).min(), in_axes=(None, 0)))(obs, u_policy)
             start = module.resample_policy_samples(u_policy, q, k_resample, args.temperature)
             start = start[:, 0] if args.hmc_chains == "sequential" else start
         else:
@@ -119,19 +124,26 @@ def run_rows(entry: str, target: tuple, mean: np.ndarray, std: np.ndarray, about
     """One row (start: the dataset actions, or a resample of policy actions) for a run's target."""
     name, overrides = parse(entry)
     module = load_algorithm(name)
-    args = module.Args(**{"num_samples": K, "hmc_burnin": 5, "hmc_leapfrog": 2, **overrides})
+    args = configured(module, {"num_samples": K, "hmc_burnin": 5, "hmc_leapfrog": 2, **overrides})
     one, start_kind = sampler(module, args)
     actor, critic, obs, actions = target
     row = run_cell(one, args, actor, critic, obs, jnp.arctanh(jnp.clip(actions, -0.999, 0.999)), mean, std, seed)
-    return [{"entry": entry, "shift": "run", "spread": about["spread"], "start": "any" if start_kind == "resample"
-             else "inside", **row, "ok": passes(row)}]
+    return [{"entry": entry, "chains": args.hmc_chains, "shift": "run", "spread": about["spread"],
+             "start": "any" if start_kind == "resample" else "inside", **row, "ok": passes(row)}]
+
+
+def configured(module, overrides: dict):
+    """The entry's Args with --hmc-chains auto resolved as training resolves it on this backend (sequential
+    on a CPU, parallel on a GPU)."""
+    args = module.Args(**overrides)
+    return module.resolve_hmc_chains(args) if hasattr(module, "resolve_hmc_chains") else args
 
 
 def grid(entry: str, seed: int = 0, cells: list[tuple[str, float]] | None = None) -> list[dict]:
     """Every cell of the grid (or those (shift, spread) in `cells`) for one sampler entry."""
     name, overrides = parse(entry)
     module = load_algorithm(name)
-    args = module.Args(**{"num_samples": K, "hmc_burnin": 5, "hmc_leapfrog": 2, **overrides})  # an entry may override these
+    args = configured(module, {"num_samples": K, "hmc_burnin": 5, "hmc_leapfrog": 2, **overrides})  # an entry may override these
     one, start_kind = sampler(module, args)
     ref, rows = reference.stored(), []
     for shift in reference.SHIFTS:
@@ -144,7 +156,8 @@ def grid(entry: str, seed: int = 0, cells: list[tuple[str, float]] | None = None
             for start, actions in ([("any", data)] if start_kind == "resample" else [("inside", data), ("edge", edge)]):
                 row = run_cell(one, args, actor, critic, obs, jnp.arctanh(jnp.clip(actions, -0.999, 0.999)),
                                ref[f"{key}/mean"], ref[f"{key}/std"], seed)
-                rows.append({"entry": entry, "shift": shift, "spread": spread, "start": start, **row, "ok": passes(row)})
+                rows.append({"entry": entry, "chains": args.hmc_chains, "shift": shift, "spread": spread, "start": start,
+                             **row, "ok": passes(row)})
     return rows
 
 
@@ -181,10 +194,10 @@ def main(cfg: Config) -> None:
              f"({time.time() - t:.0f} s); method in that file's docstring, targets and NUTS reference in "
              "`tests/hmc_reference.py`. Pass: acceptance >= 0.5, every state's mean within 0.2 reference std, "
              "every std ratio within 1.3x.", "", *target_lines,
-             "| sampler | log-std shift | Q spread | start | acceptance | step (policy stds) | max mean error (ref std) "
-             "| std ratio (min-max) | Stein scale | pass |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| sampler | chains | log-std shift | Q spread | start | acceptance | step (policy stds) | max mean error (ref std) "
+             "| std ratio (min-max) | Stein scale | pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| `{r['entry']}` | {r['shift']} | {r['spread']:.3g} | {r['start']} | {r['acceptance']:.2f} | "
+        lines.append(f"| `{r['entry']}` | {r['chains']} | {r['shift']} | {r['spread']:.3g} | {r['start']} | {r['acceptance']:.2f} | "
                      f"{r['step']:.2f} | {r['mean_error']:.2f} | {r['std_ratio_min']:.2f}-{r['std_ratio_max']:.2f} | "
                      f"{r['stein_scale']:.2f} | {'yes' if r['ok'] else '**no**'} |")
     for entry in cfg.entries:

@@ -113,7 +113,8 @@ def rule(text: str) -> tuple[Callable[[Any], bool], str]:
 
 
 def range_problems(args: Any, rules: dict[str, str]) -> list[str]:
-    """One line per field of `args` outside its declared range (fields set to None pass)."""
+    """One line per field of `args` outside its declared range (fields set to None pass; a tuple's rule
+    holds for each of its values)."""
     values = dataclasses.asdict(args)
     unknown = sorted(set(rules) - set(values))
     if unknown:  # a typo in a script's RULES: the script's bug, not the user's
@@ -123,7 +124,11 @@ def range_problems(args: Any, rules: dict[str, str]) -> list[str]:
         v, (ok, what) = values[name], rule(text)
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+        if isinstance(v, (tuple, list)):
+            if not all(number(x) and ok(x) for x in v):
+                bad.append(f"{flag(name)}: each value must be {what}, got {' '.join(map(str, v))}")
+        elif not number(v) or not ok(v):
             bad.append(f"{flag(name)} must be {what}, got {v}")
     return bad
 
@@ -454,7 +459,7 @@ class Run:
         if not (d / "returns.npz").exists():
             raise UserError(f"{d / 'returns.npz'} is missing (the run's evaluation history): it cannot resume "
                             "consistently. Start a new run.")
-        now = dataclasses.asdict(args)
+        now = json.loads(json.dumps(dataclasses.asdict(args), default=_jsonable))  # as saved: tuples are lists
         changed = {k: (saved["args"].get(k), v) for k, v in now.items() if k not in FREE and saved["args"].get(k) != v}
         allowed = {f.replace("-", "_") for f in args.allow_change}
         fixed = sorted(set(changed) & FIXED)

@@ -308,6 +308,8 @@ MISA_FLAG_CASES = [
     (["--lagrange-tau", "0"], "--lagrange-tau must be positive"),
     (["--reward-scale", "nan"], "--reward-scale must be a finite number"),
     (["--num-layers", "0"], "--num-layers must be at least 1"),
+    (["--hmc-start-widths", "3", "-1"], "--hmc-start-widths: each value must be positive and finite, got 3.0 -1.0"),
+    (["--hmc-start-widths", "3", "nan"], "--hmc-start-widths: each value must be positive and finite, got 3.0 nan"),
 ]
 
 
@@ -317,6 +319,22 @@ def test_misa_flags_are_refused_before_any_work(module, flags, message, tmp_path
     err = cli_error([*flags, "--run-dir", str(tmp_path / "run")], monkeypatch, capsys, module)
     assert message in err and err.startswith("error: invalid arguments")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_misa_run_resumes_with_its_tuple_setting(tiny_hopper, tmp_path, monkeypatch, capsys):
+    """config.json saves --hmc-start-widths as a list: a resume with the same value is no change, another
+    value is refused by name."""
+    _, local = tiny_hopper
+    argv = ["--env", str(local), "--num-seeds", "1", "--eval-every", "10", "--log-every", "10", "--eval-episodes", "1",
+            "--hidden-dim", "32", "--batch-size", "32", *MISA_TINY, "--run-dir", str(tmp_path / "run")]
+    monkeypatch.setattr(sys, "argv", ["misa.py", *argv, "--num-updates", "10"])
+    runlog.cli(misa.main, misa.Args)
+    err = cli_error([*argv, "--num-updates", "10", "--resume", "--hmc-start-widths", "3", "10"], monkeypatch, capsys, misa)
+    assert "--hmc-start-widths [3.0, 10.0, 30.0] -> [3.0, 10.0]" in err, err
+    monkeypatch.setattr(sys, "argv", ["misa.py", *argv, "--num-updates", "20", "--allow-change", "num-updates", "--resume"])
+    runlog.cli(misa.main, misa.Args)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["changes"] == [
+        {"field": "num_updates", "from": 10, "to": 20, "at_update": 10}]
 
 
 def test_every_problem_is_in_the_one_message(tmp_path, monkeypatch, capsys):
