@@ -152,10 +152,14 @@ def score_matrix(runs: list[dict], label: str, datasets: list[str]) -> np.ndarra
     return m
 
 
-def comparison_label(labels: list[str], algo_of: dict[str, str], algo: str) -> str | None:
-    """The variant that stands for an algorithm: the one named after it, else its only variant."""
+def comparison_label(labels: list[str], algo_of: dict[str, str], algo: str, declared: frozenset[str] = frozenset()
+                     ) -> str | None:
+    """The variant that stands for an algorithm: the one named after it, else its only variant (unless the
+    sweep declares a variant of that name: then only that one, once it has runs)."""
     if algo in labels:
         return algo
+    if algo in declared:
+        return None
     of_algo = [lab for lab in labels if algo_of[lab] == algo]
     return of_algo[0] if len(of_algo) == 1 else None
 
@@ -167,7 +171,8 @@ def comparisons_of(name: str) -> tuple[tuple[str, str], ...]:
 
 
 def grid_statistics(runs: list[dict], labels: list[str], datasets: list[str], reps: int, seed: int,
-                    comparisons: tuple[tuple[str, str], ...] = sweeps.Sweep.comparisons) -> GridStats:
+                    comparisons: tuple[tuple[str, str], ...] = sweeps.Sweep.comparisons,
+                    declared: frozenset[str] = frozenset()) -> GridStats:
     """IQM per variant and MISA's probability of improvement, rliable's stratified bootstrap (over seeds,
     within each dataset). Each interval is seeded on its own, so it does not depend on the other variants."""
     from rliable import library as rly
@@ -188,7 +193,7 @@ def grid_statistics(runs: list[dict], labels: list[str], datasets: list[str], re
     algo_of = {r["label"]: r["algo"] for r in runs}
     improvement = {}
     for x_algo, y_algo in comparisons:
-        x, y = (comparison_label(list(matrices), algo_of, a) for a in (x_algo, y_algo))
+        x, y = (comparison_label(list(matrices), algo_of, a, declared) for a in (x_algo, y_algo))
         if x is None or y is None:
             continue
         with seeded_numpy(seed):
@@ -199,8 +204,8 @@ def grid_statistics(runs: list[dict], labels: list[str], datasets: list[str], re
 
 
 def statistics_lines(stats: GridStats, algo_of: dict[str, str], metric: str, cfg: Config,
-                     scope: str = "the grid", comparisons: tuple[tuple[str, str], ...] = sweeps.Sweep.comparisons
-                     ) -> list[str]:
+                     scope: str = "the grid", comparisons: tuple[tuple[str, str], ...] = sweeps.Sweep.comparisons,
+                     declared: frozenset[str] = frozenset()) -> list[str]:
     n = len(stats.datasets)
     out = [f"Over {scope} ({n} dataset{'s' * (n > 1)} as tasks, the seeds of each as runs): the interquartile "
            f"mean (IQM) of the final scores, and the probability of improvement P(X > Y) (the chance that a run of "
@@ -223,19 +228,20 @@ def statistics_lines(stats: GridStats, algo_of: dict[str, str], metric: str, cfg
             out.append(f"| {NAMES.get(x, x)} over {NAMES.get(y, y)} | {point:.2f} | [{low:.2f}, {high:.2f}] |")
         out.append("")
     for a, b in comparisons:
-        x, y = (comparison_label(list(stats.iqm), algo_of, c) for c in (a, b))
+        x, y = (comparison_label(list(stats.iqm), algo_of, c, declared) for c in (a, b))
         if (x, y) not in stats.improvement:
             out.append(f"- {NAMES.get(a, a)} over {NAMES.get(b, b)}: not computed: "
-                       + "; ".join(why_no_comparison(stats, algo_of, c) for c in (a, b)
-                                   if comparison_label(list(stats.iqm), algo_of, c) is None) + ".")
+                       + "; ".join(why_no_comparison(stats, algo_of, c, declared) for c in (a, b)
+                                   if comparison_label(list(stats.iqm), algo_of, c, declared) is None) + ".")
     out.append("")
     return out
 
 
-def why_no_comparison(stats: GridStats, algo_of: dict[str, str], algo: str) -> str:
+def why_no_comparison(stats: GridStats, algo_of: dict[str, str], algo: str, declared: frozenset[str] = frozenset()
+                      ) -> str:
     """Why no variant stands for `algo` in a comparison (see comparison_label)."""
     name = NAMES.get(algo, algo)
-    variants = [lab for lab, a in algo_of.items() if a == algo or lab == algo]
+    variants = [lab for lab, a in algo_of.items() if lab == algo or (a == algo and algo not in declared)]
     if not variants:
         return f"no {name} runs in this sweep"
     if any(lab in stats.iqm for lab in variants):
@@ -392,15 +398,15 @@ def sweep_section(name: str, runs: list[dict], results: Path, cfg: Config) -> li
     if with_paper:
         out += ["", f"Paper columns: {paper_scores.PAPER_SOURCE} (`benchmarks/paper_scores.py`)."]
 
-    comparisons = comparisons_of(name)
-    stats = grid_statistics(runs, labels, datasets, cfg.reps, cfg.seed, comparisons)
-    out += [""] + statistics_lines(stats, algo_of, runs[0]["metric"], cfg, comparisons=comparisons)
+    comparisons, declared = comparisons_of(name), frozenset(sw.variants if sw else ())
+    stats = grid_statistics(runs, labels, datasets, cfg.reps, cfg.seed, comparisons, declared)
+    out += [""] + statistics_lines(stats, algo_of, runs[0]["metric"], cfg, comparisons=comparisons, declared=declared)
     # while the grid fills, the same statistics where every variant has run, so that all of them enter
     shared = [d for d in datasets if all((lab, d) in index for lab in labels)]
     if 0 < len(shared) < len(datasets):
         scope = f"the dataset{'s' * (len(shared) > 1)} every variant has run, " + ", ".join(f"`{d}`" for d in shared)
-        out += statistics_lines(grid_statistics(runs, labels, shared, cfg.reps, cfg.seed, comparisons), algo_of,
-                                runs[0]["metric"], cfg, scope, comparisons)
+        out += statistics_lines(grid_statistics(runs, labels, shared, cfg.reps, cfg.seed, comparisons, declared),
+                                algo_of, runs[0]["metric"], cfg, scope, comparisons, declared)
     out += ["Wall time per run (minutes, all seeds together, compile and evaluation included):", "",
             "| dataset | " + " | ".join(NAMES.get(lab, lab) for lab in labels) + " |",
             "|" + "---|" * (len(labels) + 1)]

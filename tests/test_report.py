@@ -180,6 +180,24 @@ def test_statistics_leave_out_an_incomplete_variant(tmp_path):
     assert "MISA over CQL: not computed: CQL not run on `walker2d-medium-v2`." in text
 
 
+def test_a_declared_variant_without_runs_is_not_stood_in_for_by_another():
+    """long-budget declares `misa` and `misa official objective`: while only the latter has runs, MISA's
+    comparisons are not computed (the official objective is not MISA), and say why."""
+    runs = [summary("misa official objective", "misa", d, finals) for d, finals in zip(GRID, SCORES["misa"])]
+    runs += [summary("td3_bc", "td3_bc", d, finals) for d, finals in zip(GRID, SCORES["td3_bc"])]
+    labels, comparisons = ["misa official objective", "td3_bc"], (("misa", "td3_bc"), ("misa", "misa official objective"))
+    declared = frozenset(["misa", "misa official objective", "td3_bc"])
+    stats = report.grid_statistics(runs, labels, GRID, 50, 0, comparisons, declared)
+    assert not stats.improvement and set(stats.iqm) == set(labels)
+    lines = report.statistics_lines(stats, {r["label"]: r["algo"] for r in runs}, "normalised score",
+                                    report.Config(reps=50), comparisons=comparisons, declared=declared)
+    assert "- MISA over TD3+BC: not computed: no MISA runs in this sweep." in lines
+    assert "- MISA over misa official objective: not computed: no MISA runs in this sweep." in lines
+    # undeclared (the default comparisons of a sweep named by algorithms): the only MISA variant stands in
+    assert list(report.grid_statistics(runs, labels, GRID, 50, 0, comparisons[:1]).improvement) == [
+        ("misa official objective", "td3_bc")]
+
+
 def test_smoke_sweeps_stay_out_of_the_main_results(tmp_path, monkeypatch):
     assert sweep.SWEEPS["cpu-hopper"].smoke and sweep.SWEEPS["cpu-hopper-ablations"].smoke
     assert not sweep.SWEEPS["paper"].smoke
