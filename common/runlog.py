@@ -127,7 +127,7 @@ def range_problems(args: Any, rules: dict[str, str]) -> list[str]:
         number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
         if isinstance(v, (tuple, list)):
             if not all(number(x) and ok(x) for x in v):
-                bad.append(f"{flag(name)}: each value must be {what}, got {' '.join(map(str, v))}")
+                bad.append(f"each value of {flag(name)} must be {what}, got {' '.join(map(str, v))}")
         elif not number(v) or not ok(v):
             bad.append(f"{flag(name)} must be {what}, got {v}")
     return bad

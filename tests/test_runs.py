@@ -308,8 +308,8 @@ MISA_FLAG_CASES = [
     (["--lagrange-tau", "0"], "--lagrange-tau must be positive"),
     (["--reward-scale", "nan"], "--reward-scale must be a finite number"),
     (["--num-layers", "0"], "--num-layers must be at least 1"),
-    (["--hmc-start-widths", "3", "-1"], "--hmc-start-widths: each value must be positive and finite, got 3.0 -1.0"),
-    (["--hmc-start-widths", "3", "nan"], "--hmc-start-widths: each value must be positive and finite, got 3.0 nan"),
+    (["--hmc-start-widths", "3", "-1"], "each value of --hmc-start-widths must be positive and finite, got 3.0 -1.0"),
+    (["--hmc-start-widths", "3", "nan"], "each value of --hmc-start-widths must be positive and finite, got 3.0 nan"),
 ]
 
 
