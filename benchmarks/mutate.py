@@ -28,8 +28,9 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "algorithms/misa.py"
 # The guarding tests: the official parity (losses, the whole update, float64 references, documented
-# defaults) and MISA's maths; the end-to-end runs and trainings of test_misa.py are left out (minutes each).
-TESTS = ["tests/test_official_parity.py", "tests/test_misa.py",
+# defaults), MISA's maths and its sampler; the end-to-end runs and trainings of test_misa.py are left out
+# (minutes each).
+TESTS = ["tests/test_official_parity.py", "tests/test_misa.py", "tests/test_hmc.py",
          "-k", "not end_to_end and not bandit and not seed_i and not earlier_version"]
 
 # (what the change breaks, text in misa.py, its replacement)
@@ -92,6 +93,11 @@ MUTATIONS: list[tuple[str, str, str]] = [
      "jnp.sum(jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u), axis=-1)"),
     ("the log-std affine frozen when it should learn", "if not self.learn_affine:", "if self.learn_affine:"),
     ("the log-std shift starts at -2", "jnp.ones(()), -jnp.ones(())", "jnp.ones(()), -2 * jnp.ones(())"),
+    ("the start's candidates weighted without their mixture density",
+     "log_weight = -0.5 * z2 + q / args.temperature - log_mixture", "log_weight = -0.5 * z2 + q / args.temperature"),
+    ("the widened proposals' densities without their factor w^-A", " - A * jnp.log(w), axis=-1)", ", axis=-1)"),
+    ("the default start without widened candidates", "hmc_start_widths: tuple[float, ...] = (3.0, 10.0, 30.0)",
+     "hmc_start_widths: tuple[float, ...] = ()"),
 ]
 
 
