@@ -5,7 +5,9 @@ wrong (or silently changes a documented default); the tests that guard the file 
     python benchmarks/mutate.py --only 1 7 --out ''  # some of them, nothing written
 
 Each mutation is applied to a copy of the checkout's algorithms/, common/, benchmarks/ and tests/ in a
-temporary directory (its text must occur exactly once in misa.py), and TESTS run there with
+temporary directory (its text must occur exactly once in misa.py; where the same line stands once in
+misa_dv.py and misa_f.py, the sections the three files share, it is changed there too, so that the test
+that the files differ only in the bound does not catch what the maths tests miss), and TESTS run there with
 `pytest -x` (stop at the first failure). Caught: pytest's exit status 1, a test failed. A mutation the
 tests cannot even collect (status 2 or more) is reported as broken, which is not caught. Slow (one
 pytest session per mutation, minutes each on 2 busy CPU cores): not part of the default suite.
@@ -27,6 +29,7 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "algorithms/misa.py"
+TWINS = ["algorithms/misa_dv.py", "algorithms/misa_f.py"]  # the same sections but the bound
 # The guarding tests: the official parity (losses, the whole update, float64 references, documented
 # defaults), MISA's maths and its sampler; the end-to-end runs and trainings of test_misa.py are left out
 # (minutes each).
@@ -121,8 +124,10 @@ def run_one(old: str, new: str) -> tuple[str, str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         for sub in ("algorithms", "common", "benchmarks", "tests"):
             shutil.copytree(ROOT / sub, Path(tmp) / sub, ignore=shutil.ignore_patterns("__pycache__"))
-        target = Path(tmp) / TARGET
-        target.write_text(target.read_text().replace(old, new))
+        for path in [Path(tmp) / TARGET, *(Path(tmp) / twin for twin in TWINS)]:
+            text = path.read_text()
+            if text.count(old) == 1:
+                path.write_text(text.replace(old, new))
         start = time.time()
         out = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *TESTS],
                              cwd=tmp, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": tmp})
