@@ -65,32 +65,48 @@ class Crash(Exception):
     pass
 
 
-def test_a_crash_at_any_write_point_then_a_retry_gives_the_uninterrupted_run(tiny_hopper, tmp_path, monkeypatch):
+# The 12 writes of a 2-chunk run: config.json, obs_stats.npz, train.csv x2, eval.csv, returns.npz,
+# checkpoint.eqx (the first chunk), then train.csv, eval.csv, returns.npz, checkpoint.eqx, results.json.
+# By default a crash before each kind of write on a fresh start and after the first checkpoint (a resume);
+# all 12 with -m slow.
+WRITES = 12
+DEFAULT_CRASHES = {0, 4, 6, 9, 11}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_hopper, tmp_path_factory):
+    """The files of the uninterrupted run, and the names of its writes in order."""
     _, local = tiny_hopper
-    commits = []
+    d, commits = tmp_path_factory.mktemp("uninterrupted") / "run", []
     real_replace = runlog.replace
-    monkeypatch.setattr(runlog, "replace", lambda tmp, path: (commits.append(path.name), real_replace(tmp, path)))
-    td3_bc.main(small(tmp_path / "reference", local))
-    reference = run_files(tmp_path / "reference")
-    points = list(commits)
-    assert points.count("checkpoint.eqx") == 2 and len(points) == 12, points  # config, stats, 3 chunks, 2 evals, results
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runlog, "replace", lambda tmp, path: (commits.append(path.name), real_replace(tmp, path)))
+        td3_bc.main(small(d, local))
+    return run_files(d), commits
 
-    for k, name in enumerate(points):
-        d = tmp_path / f"crash{k}"
-        calls = iter(range(len(points)))
 
-        def crashing(tmp, path, k=k):
-            if next(calls) == k:  # the k-th write is written aside but never committed: a kill at that moment
-                raise Crash(path.name)
-            real_replace(tmp, path)
+@pytest.mark.parametrize("k", [pytest.param(k, marks=() if k in DEFAULT_CRASHES else pytest.mark.slow)
+                               for k in range(WRITES)])
+def test_a_crash_at_any_write_point_then_a_retry_gives_the_uninterrupted_run(k, uninterrupted, tiny_hopper, tmp_path,
+                                                                              monkeypatch):
+    _, local = tiny_hopper
+    reference, points = uninterrupted
+    assert points.count("checkpoint.eqx") == 2 and len(points) == WRITES, points
+    name, d, calls = points[k], tmp_path / "run", iter(range(WRITES))
+    real_replace = runlog.replace
 
-        monkeypatch.setattr(runlog, "replace", crashing)
-        with pytest.raises(Crash):
-            td3_bc.main(small(d, local))
-        monkeypatch.setattr(runlog, "replace", real_replace)
-        td3_bc.main(small(d, local, resume=(d / "checkpoint.eqx").exists()))  # what sweep.py does
-        assert run_files(d) == reference, f"crash before committing write {k} ({name})"
-        assert not list(d.glob("*.tmp")), f"crash at write {k} ({name}) left temporary files"
+    def crashing(tmp, path):
+        if next(calls) == k:  # the k-th write is written aside but never committed: a kill at that moment
+            raise Crash(path.name)
+        real_replace(tmp, path)
+
+    monkeypatch.setattr(runlog, "replace", crashing)
+    with pytest.raises(Crash):
+        td3_bc.main(small(d, local))
+    monkeypatch.setattr(runlog, "replace", real_replace)
+    td3_bc.main(small(d, local, resume=(d / "checkpoint.eqx").exists()))  # what sweep.py does
+    assert run_files(d) == reference, f"crash before committing write {k} ({name})"
+    assert not list(d.glob("*.tmp")), f"crash at write {k} ({name}) left temporary files"
 
 
 def test_seed_i_of_a_multi_seed_run_starts_as_the_single_seed_run(tiny_hopper, tmp_path):
