@@ -153,7 +153,7 @@ def main(cfg: Config) -> None:
         only = f" --only {' '.join(map(str, cfg.only))}" if cfg.only else ""
         lines = [f"# Mutation check of `{TARGET}`", "",
                  f"Command: `python benchmarks/mutate.py{only}` (each mutation on a copy of the checkout, then "
-                 f"`pytest -x {' '.join(TESTS[:2])} -k \"{TESTS[-1]}\"`). **{caught} of {len(rows)} caught.**", "",
+                 f"`pytest -x {' '.join(TESTS[:-2])} -k \"{TESTS[-1]}\"`). **{caught} of {len(rows)} caught.**", "",
                  "| # | mutation | result | first failing test | s |", "|---|---|---|---|---|"]
         lines += [f"| {i} | {what} | {status} | `{test}` | {seconds:.0f} |" for i, what, status, test, seconds in rows]
         (ROOT / cfg.out).write_text("\n".join(lines) + "\n")
