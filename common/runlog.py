@@ -120,11 +120,11 @@ def range_problems(args: Any, rules: dict[str, str]) -> list[str]:
     if unknown:  # a typo in a script's RULES: the script's bug, not the user's
         raise ValueError(f"RULES names fields that {type(args).__name__} does not have: {unknown}")
     bad = []
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
     for name, text in rules.items():
         v, (ok, what) = values[name], rule(text)
         if v is None:
             continue
-        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
         if isinstance(v, (tuple, list)):
             if not all(number(x) and ok(x) for x in v):
                 bad.append(f"each value of {flag(name)} must be {what}, got {' '.join(map(str, v))}")

@@ -24,14 +24,18 @@ B, K = 256, 50
 
 
 class SharpCritic(eqx.Module):
-    """Q(s, a) = sharpness * (-|u - c|^2 / (2 sigma^2) + skew * tanh(u_0 - c_0)), u = atanh(a)."""
+    """Q(s, a) = sharpness * (-|u - c|^2 / (2 sigma^2) + skew * tanh(u_0 - c_0)), u = atanh(a)
+    (c = C and sigma = SIGMA unless given)."""
 
     sharpness: jax.Array
     skew: float = eqx.field(static=True, default=0.0)
+    center: float = eqx.field(static=True, default=C)
+    sigma: float = eqx.field(static=True, default=SIGMA)
 
     def __call__(self, obs, action):
         u = jnp.arctanh(action)
-        q = self.sharpness * (-jnp.sum((u - C) ** 2) / (2 * SIGMA**2) + self.skew * jnp.tanh(u[0] - C))
+        q = self.sharpness * (-jnp.sum((u - self.center) ** 2) / (2 * self.sigma**2)
+                              + self.skew * jnp.tanh(u[0] - self.center))
         return jnp.stack([q, q + 1.0])  # the sampler uses the min over the twin critics
 
 
@@ -116,18 +120,6 @@ def test_adaptive_hmc_means_in_3d_match_importance_sampling(sharpness):
     assert np.abs(err).max() < 0.1
 
 
-class PeakCritic(eqx.Module):
-    """Q(s, a) = -sharpness (u - center)^2 / (2 sigma^2), u = atanh(a)."""
-
-    sharpness: float = eqx.field(static=True)
-    center: float = eqx.field(static=True)
-    sigma: float = eqx.field(static=True)
-
-    def __call__(self, obs, action):
-        q = -self.sharpness * jnp.sum((jnp.arctanh(action) - self.center) ** 2) / (2 * self.sigma**2)
-        return jnp.stack([q, q + 1.0])
-
-
 @pytest.mark.parametrize("widths", [(), None], ids=["policy-actions-only", "default"])
 def test_the_resampled_start_reaches_p_far_from_the_policy_only_with_widened_candidates(widths):
     """1-D, exact: pi = N(0.3, 0.05^2) and Q 900x sharper than pi, peaked so that p (Gaussian, mean
@@ -136,7 +128,7 @@ def test_the_resampled_start_reaches_p_far_from_the_policy_only_with_widened_can
     std of p's."""
     sigma, n = 0.05, 900.0
     p_mean = MU + 10 * sigma
-    critic = PeakCritic(n, MU + (p_mean - MU) * (1 + n) / n, sigma)
+    critic = SharpCritic(jnp.asarray(n), center=MU + (p_mean - MU) * (1 + n) / n, sigma=sigma)
     actor = GaussActor(jnp.full(1, MU), jnp.full(1, np.log(sigma)))
     u_policy = MU + sigma * jax.random.normal(jax.random.PRNGKey(0), (B, K, 1))
     start = misa.resample_start(actor, critic, jnp.zeros((B, 1)), u_policy, jax.random.PRNGKey(1),
@@ -147,6 +139,8 @@ def test_the_resampled_start_reaches_p_far_from_the_policy_only_with_widened_can
 
 
 class FlatCritic(eqx.Module):
+    """Q = 0 at every action, saturated ones included (SharpCritic's atanh is infinite there)."""
+
     def __call__(self, obs, action):
         return jnp.zeros(2)
 
