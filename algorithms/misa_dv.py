@@ -136,8 +136,8 @@ class Args:
     hmc_leapfrog: int = 2
     """leapfrog steps per HMC step"""
     hmc_step_size: float = 1.0
-    """leapfrog step size in units of the policy's standard deviation (paper: 1); with --hmc-adapt,
-    the step of the first update"""
+    """leapfrog step size in units of the inverse mass: p's fitted covariance (--hmc-fit-ascent) or the
+    policy's (without it; paper: 1 policy std); with --hmc-adapt, the step of the first update"""
     hmc_adapt: bool = True
     """adapt the step size toward --hmc-target-accept across updates: each update's chains run at one
     fixed step, and the next update's step moves by the kept steps' acceptance; --no-hmc-adapt keeps it"""
@@ -149,13 +149,24 @@ class Args:
     """each HMC step draws its step size uniformly within +-jitter of the current one: breaks the
     resonances of a fixed trajectory length (which left some dimensions' spread 15 % short)"""
     hmc_start: Literal["resample", "dataset"] = "resample"
-    """where each chain starts: resample, an importance resample of p among the K policy actions of the
-    critic's regulariser and K actions from the policy widened by each --hmc-start-widths; dataset, the
-    dataset action (official code; far in the policy's tail once the policy narrows)"""
+    """where the chains start (or, with --hmc-fit-ascent, where the fit climbs from): resample, from the K
+    policy actions of the critic's regulariser and K actions from the policy widened by each
+    --hmc-start-widths (the fit takes the best of them; without it, an importance resample of p); dataset,
+    the dataset action (official code; far in the policy's tail once the policy narrows)"""
     hmc_start_widths: tuple[float, ...] = (3.0, 10.0, 30.0)
-    """with --hmc-start resample: std factors of the widened policies the chains' starts are also drawn
-    from, so that a start lies near p where Q puts it many policy stds from pi (results/hmc-accuracy.md);
-    none (--hmc-start-widths with no value): the K policy actions alone"""
+    """with --hmc-start resample: std factors of the widened policies the starts are also drawn from, so
+    that a start lies near p where Q puts it many policy stds from pi (results/hmc-accuracy.md); none
+    (--hmc-start-widths with no value): the K policy actions alone"""
+    hmc_fit_ascent: tuple[int, ...] = (0, 10, 5, 0)
+    """fit each state's chains to p before they run (fit_to_p): for each value, that many steps of gradient
+    ascent on log p from --hmc-fit-starts starts, then a fit of p's covariance at the best point reached
+    (nutpie's rule, from gradients of log p); the chains start at draws from the last fit, their inverse
+    mass. None (--hmc-fit-ascent with no value): the policy's covariance as inverse mass, the chains at
+    their starts (the sampler before; results/hmc-accuracy.md)"""
+    hmc_fit_starts: int = 4
+    """starts per state that --hmc-fit-ascent climbs from (the best point reached is kept)"""
+    hmc_fit_points: int | None = None
+    """gradient evaluations per fit of p's covariance (default 2 * action dims + 4; at least action dims + 1)"""
     hmc_chains: Literal["auto", "sequential", "parallel"] = "auto"
     """sequential: one chain per state gives K successive samples (official); parallel: K chains per
     state, one sample each (fewer sequential steps: faster on a GPU); auto: sequential on a CPU,
@@ -196,7 +207,7 @@ RULES = {
     "num_layers": ">= 1", "discount": "[0, 1]", "tau": "(0, 1]", "target_entropy": "any", "reward_scale": "any",
     "reward_bias": "any", "num_samples": ">= 1", "min_q_weight": ">= 0", "temperature": "> 0",
     "bc_weight": ">= 0", "unbiased_weight": ">= 0", "hmc_burnin": ">= 0", "hmc_leapfrog": ">= 1", "hmc_step_size": "> 0",
-    "hmc_start_widths": "> 0",
+    "hmc_start_widths": "> 0", "hmc_fit_ascent": ">= 0", "hmc_fit_starts": ">= 1", "hmc_fit_points": ">= 2",
     "hmc_target_accept": "(0, 1)", "hmc_adapt_rate": ">= 0", "hmc_step_jitter": "[0, 1)", "lagrange_tau": "> 0",
     "lagrange_init": "any", "lagrange_lr": "> 0",
 }
@@ -447,47 +458,129 @@ def stein_scale(u: jax.Array, grad: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.sum((u - u.mean(0, keepdims=True)) * grad, axis=-1)) / u.shape[-1]
 
 
+def sqrt_and_inverse_sqrt(m: jax.Array, iterations: int = 30) -> tuple[jax.Array, jax.Array]:
+    """m^1/2 and m^-1/2 of a symmetric positive-definite matrix by the coupled Newton-Schulz iteration:
+    matrix products only. (jaxlib's batched LAPACK kernels, eigh or svd, each wait on XLA's CPU thread pool
+    for their batch; two running at once on a 2-thread pool deadlocked the training loop.) 30 iterations
+    reach float32 accuracy up to condition numbers of 1e6."""
+    eye = jnp.eye(m.shape[0])
+    norm = jnp.sqrt(jnp.sum(m * m))  # >= the largest eigenvalue: the scaled iteration converges
+
+    def step(carry, _):
+        y, z = carry
+        t = 0.5 * (3.0 * eye - z @ y)
+        return (y @ t, t @ z), None
+
+    (y, z), _ = jax.lax.scan(step, (m / norm, eye), None, length=iterations)
+    return y * jnp.sqrt(norm), z / jnp.sqrt(norm)
+
+
+def fit_factor(log_density, centre: jax.Array, factor: jax.Array, key: jax.Array, num_points: int) -> jax.Array:
+    """A factor L' (covariance L' L'^T) of p's covariance fitted around `centre` from the current one, L: at
+    `num_points` draws x = centre + L z, z ~ N(0, I), the covariances C of z and G of grad_z log p give the fit
+    L (C # G^-1) L^T, their matrix geometric mean mapped back. For a Gaussian p of covariance S,
+    grad_z log p = -L^T S^-1 (x - mean), so G = (L^T S^-1 L) C (L^T S^-1 L) and the fit is S exactly, whatever
+    L and centre (the rule of nutpie's mass matrix adaptation, in its dense form). Gradients see the kinks of
+    min_i Q_i, where the curvature (a Laplace fit) is zero; those kinks make p a narrow ridge at a sharp Q.
+    C # G^-1 = G^-1/2 (G^1/2 C G^1/2)^1/2 G^-1/2."""
+    A = centre.shape[0]
+    z = jax.random.normal(key, (num_points, A))
+    g = jax.vmap(jax.grad(log_density))(centre[None] + z @ factor.T) @ factor  # grad log p in z
+    covariance = lambda y: (y - y.mean(0, keepdims=True)).T @ (y - y.mean(0, keepdims=True)) / (num_points - 1)
+    C, G = covariance(z), covariance(g)
+    G = G + 1e-6 * jnp.trace(G) / A * jnp.eye(A)  # condition number <= 1e6, full rank where gradients are degenerate
+    G_half, G_inv_half = sqrt_and_inverse_sqrt(G)
+    middle, _ = sqrt_and_inverse_sqrt(G_half @ C @ G_half)
+    fit_root, _ = sqrt_and_inverse_sqrt(G_inv_half @ middle @ G_inv_half)
+    return factor @ fit_root
+
+
+def ascend(log_density, x: jax.Array, factor: jax.Array, num_steps: int) -> tuple[jax.Array, jax.Array]:
+    """`num_steps` steps of gradient ascent on log p from x in the metric of the fit L L^T, each first one fitted
+    std long along the gradient, then 1.5 times longer after a step that raised log p and half as long (and
+    undone) after one that did not. Returns the point reached and log p there."""
+    value_and_grad = jax.value_and_grad(log_density)
+
+    def step(carry, _):
+        x, value, grad, length = carry
+        direction = factor @ (grad @ factor)  # L L^T grad
+        x_new = x + length * direction / jnp.maximum(jnp.linalg.norm(grad @ factor), 1e-30)
+        value_new, grad_new = value_and_grad(x_new)
+        up = value_new > value  # False for NaN
+        keep = lambda new, old: jnp.where(up, new, old)
+        return (keep(x_new, x), keep(value_new, value), keep(grad_new, grad), keep(1.5 * length, 0.5 * length)), None
+
+    (x, value, _, _), _ = jax.lax.scan(step, (x, *value_and_grad(x), jnp.ones(())), None, length=num_steps)
+    return x, value
+
+
+def fit_to_p(log_density, starts: jax.Array, policy_std: jax.Array, key: jax.Array, args: Args) -> tuple[jax.Array, jax.Array]:
+    """Where one state's chains should start and in which coordinates they should run: from the policy's
+    covariance, for each value n of --hmc-fit-ascent, n ascent steps from every start (ascend, in the current
+    fit's metric), then p's covariance fitted at the best point reached (fit_factor).
+    Returns (that point, a factor L of the last fit). Runs before the chains; their samples stay a valid
+    Markov chain's."""
+    factor = jnp.diag(policy_std)
+    num_points = max(args.hmc_fit_points or 2 * starts.shape[-1] + 4, starts.shape[-1] + 1)  # full rank
+    for i, num_steps in enumerate(args.hmc_fit_ascent):
+        starts, values = jax.vmap(ascend, in_axes=(None, 0, None, None))(log_density, starts, factor, num_steps)
+        best = starts[jnp.argmax(values)]
+        factor = fit_factor(log_density, best, factor, jax.random.fold_in(key, i), num_points)
+    return best, factor
+
+
 def sample_improved_actions(actor: Actor, critic: Critic, obs: jax.Array, start: jax.Array, log_step: jax.Array,
                             key: jax.Array, args: Args) -> tuple[jax.Array, dict]:
     """K samples u of p(u|s) ∝ N(u; mu(s), sigma(s)) exp(min_i Q_i(s, tanh u) / temperature) for each
-    state of the batch, by HMC with the policy's covariance as inverse mass (step size in policy-std
-    units), all states at once. `start` is (B, A) for --hmc-chains sequential (one chain per state,
-    K successive samples) or (B, K, A) for parallel (K chains per state, one sample each).
+    state of the batch, by HMC, all states at once, in coordinates y that whiten a covariance (u = centre + L y,
+    unit mass: HMC with inverse mass L L^T in u). With --hmc-fit-ascent (default) that is p's covariance, fitted
+    per state (fit_to_p, climbing from the points `start` (B, N, A)), and the chains start at draws of
+    N(fitted point, fit); without, it is the policy's covariance and the chains start at `start` (B, K, A).
+    The step size is in units of that covariance. --hmc-chains sequential: one chain per state, K successive
+    samples (from the first start); parallel: K chains per state, one sample each.
     Returns pre-tanh samples (B, K, A) and diagnostics: the mean acceptance of the kept steps, the
-    step (policy-std units), the Stein scale of the samples (stein_scale, mean over states), and
-    the log step of the next update (moved by the kept steps' acceptance with --hmc-adapt)."""
+    step, the Stein scale of the samples (stein_scale, mean over states), and the log step of the next
+    update (moved by the kept steps' acceptance with --hmc-adapt)."""
     mu, log_std = jax.vmap(actor)(obs)  # computed once, outside the sampler loop
-    K = args.num_samples
+    K, A = args.num_samples, mu.shape[-1]
 
-    def chains_of_one_state(s, m, ls, start, key):
+    def chains_of_one_state(s, m, ls, starts, key):
         def log_density(u):
             return improved_log_density(u, s, m, ls, critic, args.temperature)
 
+        fit_key, draw_key, key = jax.random.split(key, 3)
+        if args.hmc_fit_ascent:
+            centre, factor = fit_to_p(log_density, starts, jnp.exp(ls), fit_key, args)
+            y_starts = jax.random.normal(draw_key, (K, A))
+        else:
+            centre, factor = jnp.zeros(A), jnp.diag(jnp.exp(ls))
+            y_starts = starts / jnp.exp(ls)[None]
+        log_density_y = lambda y: log_density(centre + factor @ y)
         if args.hmc_chains == "sequential":
-            return hmc_chain(log_density, start, jnp.exp(2 * ls), log_step, key, K, args)
+            y, grads, accept = hmc_chain(log_density_y, y_starts[0], jnp.ones(A), log_step, key, K, args)
+        else:
+            one_sample_chain = lambda y0, k: hmc_chain(log_density_y, y0, jnp.ones(A), log_step, k, 1, args)
+            y, grads, accept = jax.vmap(one_sample_chain)(y_starts, jax.random.split(key, K))
+            y, grads, accept = y[:, 0], grads[:, 0], accept[:, 0]
+        return centre[None] + y @ factor.T, stein_scale(y, grads), accept  # Stein's identity holds in y as in u
 
-        def one_sample_chain(chain_start, chain_key):
-            return hmc_chain(log_density, chain_start, jnp.exp(2 * ls), log_step, chain_key, 1, args)
-
-        positions, grads, accept = jax.vmap(one_sample_chain)(start, jax.random.split(key, K))
-        return positions[:, 0], grads[:, 0], accept[:, 0]
-
-    u, grads, accept = jax.vmap(chains_of_one_state)(obs, mu, log_std, start, jax.random.split(key, obs.shape[0]))
+    u, stein, accept = jax.vmap(chains_of_one_state)(obs, mu, log_std, start, jax.random.split(key, obs.shape[0]))
     accept = jnp.where(jnp.isfinite(accept), accept, 0.0)
     next_log_step = log_step
     if args.hmc_adapt:  # across updates, from the kept steps' acceptance (not a burn-in transient)
         next_log_step = jnp.clip(log_step + args.hmc_adapt_rate * (accept.mean() - args.hmc_target_accept), -7.0, 2.0)
-    return u, {"hmc_acceptance": accept.mean(), "hmc_step": jnp.exp(log_step),
-               "hmc_stein_scale": jax.vmap(stein_scale)(u, grads).mean(), "log_step": next_log_step}
+    return u, {"hmc_acceptance": accept.mean(), "hmc_step": jnp.exp(log_step), "hmc_stein_scale": stein.mean(),
+               "log_step": next_log_step}
 
 
-def resample_start(actor: Actor, critic: Critic, obs: jax.Array, u_policy: jax.Array, key: jax.Array,
-                   args: Args) -> jax.Array:
-    """K chain starts per state, an importance resample of p(u|s) ∝ N(u; mu, sigma) exp(min Q / temperature):
-    candidates are the K policy actions u_policy (B, K, A) and K draws of N(mu, (w sigma)^2) for each width
-    w of --hmc-start-widths, each drawn with probability ∝ p / (the candidates' mixture density). The wide
-    draws reach p where Q has moved it many policy stds away, narrower than pi, where the policy's own
-    actions (and a few burn-in steps from them) do not. -> (B, K, A)."""
+def chain_starts(actor: Actor, critic: Critic, obs: jax.Array, u_policy: jax.Array, key: jax.Array,
+                 args: Args) -> jax.Array:
+    """Where each state's chains start, from candidates for p(u|s) ∝ N(u; mu, sigma) exp(min Q / temperature):
+    the K policy actions u_policy (B, K, A) and K draws of N(mu, (w sigma)^2) for each width w of
+    --hmc-start-widths. The wide draws reach p where Q has moved it many policy stds away, narrower than pi,
+    where the policy's own actions do not. With --hmc-fit-ascent: the --hmc-fit-starts candidates of highest
+    p, which fit_to_p climbs from -> (B, hmc_fit_starts, A). Without: K chain starts, an importance resample
+    of p among the candidates (each drawn with probability ∝ p / the candidates' mixture density) -> (B, K, A)."""
     widths = jnp.asarray((1.0, *args.hmc_start_widths))
     B, K, A = u_policy.shape
     mu, log_std = jax.vmap(actor)(obs)
@@ -497,10 +590,13 @@ def resample_start(actor: Actor, critic: Critic, obs: jax.Array, u_policy: jax.A
     u = jnp.concatenate([u_policy, u_wide], axis=1)
     q = jax.vmap(jax.vmap(lambda o, a: critic(o, jnp.tanh(a)).min(), in_axes=(None, 0)))(obs, u)
     z2 = jnp.sum(((u - mu[:, None]) / jnp.exp(log_std)[:, None]) ** 2, axis=-1)  # (B, candidates)
-    w = widths[None, None]
-    log_mixture = jax.nn.logsumexp(-0.5 * z2[..., None] / w**2 - A * jnp.log(w), axis=-1)  # equal shares
-    log_weight = -0.5 * z2 + q / args.temperature - log_mixture
-    idx = jax.random.categorical(pick_key, log_weight, axis=-1, shape=(K, B)).T  # (B, K)
+    log_p = -0.5 * z2 + q / args.temperature
+    if args.hmc_fit_ascent:
+        idx = jax.lax.top_k(log_p, min(args.hmc_fit_starts, u.shape[1]))[1]  # distinct points to climb from
+    else:
+        w = widths[None, None]
+        log_mixture = jax.nn.logsumexp(-0.5 * z2[..., None] / w**2 - A * jnp.log(w), axis=-1)  # equal shares
+        idx = jax.random.categorical(pick_key, log_p - log_mixture, axis=-1, shape=(K, B)).T  # (B, K)
     return jnp.take_along_axis(u, idx[..., None], axis=1)
 
 
@@ -606,11 +702,9 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
 
     def improved_samples(actor: Actor, critic: Critic, critic_extras: dict, log_step: jax.Array):
         if args.hmc_start == "dataset":  # the official start
-            start = pre_tanh(batch.action)
-            start = start if args.hmc_chains == "sequential" else jnp.broadcast_to(start[:, None], noise.policy.shape)
-        else:  # an importance resample of p per chain (sequential: the first)
-            start = resample_start(actor, critic, batch.obs, critic_extras["u_policy"], start_key, args)
-            start = start[:, 0] if args.hmc_chains == "sequential" else start
+            start = jnp.broadcast_to(pre_tanh(batch.action)[:, None], noise.policy.shape)
+        else:  # the best of policy and widened-policy candidates (an importance resample without the fit)
+            start = chain_starts(actor, critic, batch.obs, critic_extras["u_policy"], start_key, args)
         return sample_improved_actions(actor, critic, batch.obs, start, log_step, hmc_key, args)
 
     return train_step(state, batch, noise, improved_samples, args, opt)

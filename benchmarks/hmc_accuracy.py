@@ -61,15 +61,17 @@ def sampler(module, args):
         k_policy, k_resample, k_chain = jax.random.split(key, 3)
         mu, log_std = jax.vmap(actor)(obs)
         u_policy = mu[:, None] + jnp.exp(log_std)[:, None] * jax.random.normal(k_policy, (obs.shape[0], K, mu.shape[1]))
-        if start_kind == "resample" and hasattr(module, "resample_start"):
+        if start_kind == "resample" and hasattr(module, "chain_starts"):
+            start = module.chain_starts(actor, critic, obs, u_policy, k_resample, args)
+        elif start_kind == "resample" and hasattr(module, "resample_start"):  # @commit: the widened start, no fit
             start = module.resample_start(actor, critic, obs, u_policy, k_resample, args)
-            start = start[:, 0] if args.hmc_chains == "sequential" else start
         elif start_kind == "resample":  # an entry @commit before the widened start: exp(Q) among the K
             q = jax.vmap(jax.vmap(lambda o, u: critic(o, jnp.tanh(u)).min(), in_axes=(None, 0)))(obs, u_policy)
             start = module.resample_policy_samples(u_policy, q, k_resample, args.temperature)
-            start = start[:, 0] if args.hmc_chains == "sequential" else start
         else:
-            start = dataset_u if args.hmc_chains == "sequential" else jnp.broadcast_to(dataset_u[:, None], u_policy.shape)
+            start = jnp.broadcast_to(dataset_u[:, None], u_policy.shape)
+        if not hasattr(args, "hmc_fit_ascent") and args.hmc_chains == "sequential":
+            start = start[:, 0]  # an entry @commit before the fit took every chain's start
         return module.sample_improved_actions(actor, critic, obs, start, log_step, k_chain, args)
 
     return one, start_kind
@@ -173,6 +175,8 @@ class Config:
     """measure on this trained MISA run's networks instead of the grid's targets"""
     run_seed: int | None = None
     """with --run-dir: the seed whose agent to take (default: the run's first)"""
+    seed: int = 0
+    """seed of the sampler's random draws (the grid's targets and references stay)"""
 
 
 def main(cfg: Config) -> None:
@@ -181,14 +185,14 @@ def main(cfg: Config) -> None:
     if cfg.run_dir is not None:
         about, target = run_target(cfg.run_dir, cfg.run_seed)
         mean, std, accept, divergent = map(np.asarray, reference.nuts_moments(*target[:3], jax.random.PRNGKey(0)))
-        rows = [row for entry in cfg.entries for row in run_rows(entry, target, mean, std, about)]
+        rows = [row for entry in cfg.entries for row in run_rows(entry, target, mean, std, about, cfg.seed)]
         target_lines = [f"Target: the networks of seed {about['seed']} of `{about['run']}` ({about['env']}) at update "
                         f"{about['update']}, on {reference.STATES} of its dataset's states: policy log-std per action "
                         f"dimension {about['log_std']} (mean over the states), Q spread {about['spread']:.2f} units over 50 "
                         f"policy actions; NUTS reference acceptance {accept.mean():.2f}, {int(divergent.sum())} divergences.", ""]
     else:
         cells = [(shift, spread) for shift in reference.SHIFTS for spread in cfg.spreads]
-        rows = [row for entry in cfg.entries for row in grid(entry, cells=cells)]
+        rows = [row for entry in cfg.entries for row in grid(entry, cfg.seed, cells)]
     lines = ["# HMC sampler accuracy in trained regimes", "",
              f"Written by `python benchmarks/hmc_accuracy.py {' '.join(sys.argv[1:])}` "
              f"({time.time() - t:.0f} s); method in that file's docstring, targets and NUTS reference in "

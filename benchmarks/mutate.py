@@ -97,10 +97,21 @@ MUTATIONS: list[tuple[str, str, str]] = [
     ("the log-std affine frozen when it should learn", "if not self.learn_affine:", "if self.learn_affine:"),
     ("the log-std shift starts at -2", "jnp.ones(()), -jnp.ones(())", "jnp.ones(()), -2 * jnp.ones(())"),
     ("the start's candidates weighted without their mixture density",
-     "log_weight = -0.5 * z2 + q / args.temperature - log_mixture", "log_weight = -0.5 * z2 + q / args.temperature"),
+     "jax.random.categorical(pick_key, log_p - log_mixture,", "jax.random.categorical(pick_key, log_p,"),
     ("the widened proposals' densities without their factor w^-A", " - A * jnp.log(w), axis=-1)", ", axis=-1)"),
     ("the default start without widened candidates", "hmc_start_widths: tuple[float, ...] = (3.0, 10.0, 30.0)",
      "hmc_start_widths: tuple[float, ...] = ()"),
+    ("the fit takes the gradients' inverse covariance alone (no geometric mean with the draws')",
+     "fit_root, _ = sqrt_and_inverse_sqrt(G_inv_half @ middle @ G_inv_half)", "fit_root = G_inv_half"),
+    ("the fit ignores the draws' own covariance (C = I: only right on average)",
+     "C, G = covariance(z), covariance(g)", "C, G = jnp.eye(A), covariance(g)"),
+    ("the chains run in the policy's coordinates after the fit",
+     "centre, factor = fit_to_p(log_density, starts, jnp.exp(ls), fit_key, args)",
+     "centre, _ = fit_to_p(log_density, starts, jnp.exp(ls), fit_key, args); factor = jnp.diag(jnp.exp(ls))"),
+    ("the ascent keeps steps that lower log p", "up = value_new > value  # False for NaN", "up = value_new == value_new"),
+    ("the fit climbs from the worst candidates", "idx = jax.lax.top_k(log_p,", "idx = jax.lax.top_k(-log_p,"),
+    ("the default sampler without the fit", "hmc_fit_ascent: tuple[int, ...] = (0, 10, 5, 0)",
+     "hmc_fit_ascent: tuple[int, ...] = ()"),
 ]
 
 
