@@ -102,7 +102,7 @@ MUTATIONS: list[tuple[str, str, str]] = [
     ("the default start without widened candidates", "hmc_start_widths: tuple[float, ...] = (3.0, 10.0, 30.0)",
      "hmc_start_widths: tuple[float, ...] = ()"),
     ("the fit takes the gradients' inverse covariance alone (no geometric mean with the draws')",
-     "fit_root, _ = sqrt_and_inverse_sqrt(G_inv_half @ middle @ G_inv_half)", "fit_root = G_inv_half"),
+     "fit_root, _ = sqrt_and_inverse_sqrt(symmetric(C_half @ M_inv_half @ C_half))", "_, fit_root = sqrt_and_inverse_sqrt(M)"),
     ("the fit ignores the draws' own covariance (C = I: only right on average)",
      "C, G = covariance(z), covariance(g)", "C, G = jnp.eye(A), covariance(g)"),
     ("the chains run in the policy's coordinates after the fit",

@@ -173,15 +173,44 @@ def test_fit_factor_is_exact_for_a_gaussian_whatever_the_guess(guess):
     """For a Gaussian p the fit (the geometric mean of the draws' covariance and the inverse covariance of
     grad log p at them) is p's covariance exactly, from 10 draws around the centre, whatever the guess (a factor
     L, covariance L L^T; here without p's correlation of 0.9, or also 3x off in std) and the centre: the fit's
-    defining property. In float32 it is exact where the guess is within about 30x of p's stds in every
-    direction (G's condition number up to 1e6: some % off at the badly-scaled guess's 2e5), and a second fit,
-    from the first, is exact in either case (fit_to_p fits four times)."""
+    defining property. One fit is exact where the guess is within ~18x of p's stds in every direction (the cap
+    on M's condition number, 1e5); the badly-scaled guess is 21x off along p's narrowest axis, so its first fit
+    is some 10 % off there and the second, from the first, exact (fit_to_p fits four times)."""
     mean = jnp.asarray([0.3, -0.2, 1.0])
     log_density = gaussian_log_density(mean, CORRELATED)
     first = misa.fit_factor(log_density, mean + 0.5, jnp.asarray(guess, jnp.float32), jax.random.PRNGKey(0), 10)
-    np.testing.assert_allclose(np.asarray(first @ first.T), np.asarray(CORRELATED), rtol=0.05, atol=2e-4)
+    tolerance = 0.05 if guess[0, 0] == 0.05 else 0.2
+    np.testing.assert_allclose(np.asarray(first @ first.T), np.asarray(CORRELATED), rtol=tolerance, atol=tolerance / 20)
     second = misa.fit_factor(log_density, mean - 0.3, first, jax.random.PRNGKey(1), 10)
     np.testing.assert_allclose(np.asarray(second @ second.T), np.asarray(CORRELATED), rtol=2e-3, atol=2e-5)
+
+
+def test_four_fits_find_a_ridge_450x_narrower_than_the_guess_in_float32():
+    """fit_to_p's four successive fits, for 256 states at once (vmapped, as in training), on the Gaussian ridge
+    of RidgeCritic with n up to 1e5 (p's std across is 1/447 of the guess's): every fit finite and p's
+    covariance within 2 % in every direction. (Rooting G before the product lost positive-definiteness in
+    float32 at n = 1e3 and returned NaN for some states.)"""
+
+    @jax.jit
+    def fits(n):
+        v = jnp.asarray([1.0, -1.0, 0.0]) / jnp.sqrt(2.0)
+        log_density = gaussian_log_density(jnp.full(3, MU), SIGMA**2 * jnp.linalg.inv(jnp.eye(3) + 2 * n * jnp.outer(v, v)))
+
+        def one_state(key):
+            factor = jnp.diag(jnp.full(3, SIGMA))
+            for i in range(4):
+                factor = misa.fit_factor(log_density, jnp.full(3, MU + 0.1), factor, jax.random.fold_in(key, i), 10)
+            return factor
+
+        return jax.vmap(one_state)(jax.random.split(jax.random.PRNGKey(0), 256))
+
+    for n in [1e3, 1e5]:
+        factors = np.asarray(fits(jnp.float32(n)), np.float64)
+        assert np.isfinite(factors).all()
+        v = np.array([1.0, -1.0, 0.0]) / np.sqrt(2)
+        whiten = np.linalg.cholesky(np.eye(3) + 2 * n * np.outer(v, v)).T / SIGMA  # S^-1 = whiten^T whiten
+        relative = np.linalg.eigvalsh(whiten @ factors @ np.swapaxes(factors, 1, 2) @ whiten.T)
+        np.testing.assert_allclose(relative, 1.0, atol=0.02)
 
 
 def test_sqrt_and_inverse_sqrt_by_matrix_products():
@@ -208,12 +237,14 @@ def test_ascend_climbs_to_a_far_mode_and_never_goes_down():
 
 class RidgeCritic(eqx.Module):
     """Q = -n (u_0 - u_1)^2 / (2 sigma^2), u = atanh(a): with pi = N(MU, SIGMA^2 I), p is Gaussian with
-    covariance SIGMA^2 (I + n v v^T)^-1, v = (1, -1, 0): a ridge 1 / sqrt(1 + 2n) times as wide across as along."""
+    covariance SIGMA^2 (I + n v v^T)^-1, v = (1, -1, 0): a ridge 1 / sqrt(1 + 2n) times as wide across as along.
+    Actions where tanh rounds to +-1 are clipped just inside: there atanh(a_0) - atanh(a_1) would be inf - inf,
+    and a NaN or +inf Q would outrank every real candidate start (p has no mass there, |u| > 8 = 16 sigma)."""
 
     n: float = eqx.field(static=True)
 
     def __call__(self, obs, action):
-        u = jnp.arctanh(action)
+        u = jnp.arctanh(jnp.clip(action, -1 + 1e-7, 1 - 1e-7))
         q = -self.n * (u[0] - u[1]) ** 2 / (2 * SIGMA**2)
         return jnp.stack([q, q + 1.0])
 
