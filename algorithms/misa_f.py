@@ -335,7 +335,7 @@ class AgentState(eqx.Module):
     critic_target: Critic
     log_alpha: jax.Array  # SAC entropy temperature
     log_lagrange: jax.Array  # log of the Lagrange multiplier lambda; gamma_1 = min_q_weight * lambda (--lagrange)
-    hmc_log_step: jax.Array  # log HMC step size (policy-std units) the chains start from; adapted when --hmc-adapt
+    hmc_log_step: jax.Array  # log HMC step size (units of the inverse mass: the fit to p, or the policy), adapted when --hmc-adapt
     actor_opt: optax.OptState
     critic_opt: optax.OptState
     alpha_opt: optax.OptState

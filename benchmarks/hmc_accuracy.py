@@ -198,7 +198,7 @@ def main(cfg: Config) -> None:
              f"({time.time() - t:.0f} s); method in that file's docstring, targets and NUTS reference in "
              "`tests/hmc_reference.py`. Pass: acceptance >= 0.5, every state's mean within 0.2 reference std, "
              "every std ratio within 1.3x.", "", *target_lines,
-             "| sampler | chains | log-std shift | Q spread | start | acceptance | step (policy stds) | max mean error (ref std) "
+             "| sampler | chains | log-std shift | Q spread | start | acceptance | step (mass units) | max mean error (ref std) "
              "| std ratio (min-max) | Stein scale | pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| `{r['entry']}` | {r['chains']} | {r['shift']} | {r['spread']:.3g} | {r['start']} | {r['acceptance']:.2f} | "
