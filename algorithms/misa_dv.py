@@ -500,22 +500,22 @@ def fit_factor(log_density, centre: jax.Array, factor: jax.Array, key: jax.Array
     return factor @ fit_root
 
 
-def ascend(log_density, x: jax.Array, factor: jax.Array, num_steps: int) -> tuple[jax.Array, jax.Array]:
+def ascend(log_density, x: jax.Array, factor: jax.Array, num_steps: int | jax.Array) -> tuple[jax.Array, jax.Array]:
     """`num_steps` steps of gradient ascent on log p from x in the metric of the fit L L^T, each first one fitted
     std long along the gradient, then 1.5 times longer after a step that raised log p and half as long (and
     undone) after one that did not. Returns the point reached and log p there."""
     value_and_grad = jax.value_and_grad(log_density)
 
-    def step(carry, _):
+    def step(_, carry):
         x, value, grad, length = carry
         direction = factor @ (grad @ factor)  # L L^T grad
         x_new = x + length * direction / jnp.maximum(jnp.linalg.norm(grad @ factor), 1e-30)
         value_new, grad_new = value_and_grad(x_new)
         up = value_new > value  # False for NaN
         keep = lambda new, old: jnp.where(up, new, old)
-        return (keep(x_new, x), keep(value_new, value), keep(grad_new, grad), keep(1.5 * length, 0.5 * length)), None
+        return keep(x_new, x), keep(value_new, value), keep(grad_new, grad), keep(1.5 * length, 0.5 * length)
 
-    (x, value, _, _), _ = jax.lax.scan(step, (x, *value_and_grad(x), jnp.ones(())), None, length=num_steps)
+    x, value, _, _ = jax.lax.fori_loop(0, num_steps, step, (x, *value_and_grad(x), jnp.ones(())))
     return x, value
 
 
@@ -525,12 +525,17 @@ def fit_to_p(log_density, starts: jax.Array, policy_std: jax.Array, key: jax.Arr
     fit's metric), then p's covariance fitted at the best point reached (fit_factor).
     Returns (that point, a factor L of the last fit). Runs before the chains; their samples stay a valid
     Markov chain's."""
-    factor = jnp.diag(policy_std)
     num_points = max(args.hmc_fit_points or 2 * starts.shape[-1] + 4, starts.shape[-1] + 1)  # full rank
-    for i, num_steps in enumerate(args.hmc_fit_ascent):
+
+    def one_fit(carry, fit):  # a scan over the fits (not a Python loop): one copy of them to compile
+        starts, factor, _ = carry
+        i, num_steps = fit
         starts, values = jax.vmap(ascend, in_axes=(None, 0, None, None))(log_density, starts, factor, num_steps)
         best = starts[jnp.argmax(values)]
-        factor = fit_factor(log_density, best, factor, jax.random.fold_in(key, i), num_points)
+        return (starts, fit_factor(log_density, best, factor, jax.random.fold_in(key, i), num_points), best), None
+
+    fits = (jnp.arange(len(args.hmc_fit_ascent)), jnp.asarray(args.hmc_fit_ascent))
+    (_, factor, best), _ = jax.lax.scan(one_fit, (starts, jnp.diag(policy_std), starts[0]), fits)
     return best, factor
 
 
