@@ -519,8 +519,8 @@ def ascend(log_density, x: jax.Array, factor: jax.Array, num_steps: int | jax.Ar
 
     def step(_, carry):
         x, value, grad, length = carry
-        direction = factor @ (grad @ factor)  # L L^T grad
-        x_new = x + length * direction / jnp.maximum(jnp.linalg.norm(grad @ factor), 1e-30)
+        grad_z = grad @ factor  # the gradient in the fit's whitened coordinates
+        x_new = x + length * (factor @ grad_z) / jnp.maximum(jnp.linalg.norm(grad_z), 1e-30)  # along L L^T grad
         value_new, grad_new = value_and_grad(x_new)
         up = value_new > value  # False for NaN
         keep = lambda new, old: jnp.where(up, new, old)
@@ -556,7 +556,8 @@ def sample_improved_actions(actor: Actor, critic: Critic, obs: jax.Array, start:
     state of the batch, by HMC, all states at once, in coordinates y that whiten a covariance (u = centre + L y,
     unit mass: HMC with inverse mass L L^T in u). With --hmc-fit-ascent (default) that is p's covariance, fitted
     per state (fit_to_p, climbing from the points `start` (B, N, A)), and the chains start at draws of
-    N(fitted point, fit); without, it is the policy's covariance and the chains start at `start` (B, K, A).
+    N(fitted point, fit); without, it is the policy's covariance and the chains start at `start` (B, K, A),
+    or all K at one point (B, 1, A).
     The step size is in units of that covariance. --hmc-chains sequential: one chain per state, K successive
     samples (from the first start); parallel: K chains per state, one sample each.
     Returns pre-tanh samples (B, K, A) and diagnostics: the mean acceptance of the kept steps, the
@@ -575,7 +576,7 @@ def sample_improved_actions(actor: Actor, critic: Critic, obs: jax.Array, start:
             y_starts = jax.random.normal(draw_key, (K, A))
         else:
             centre, factor = jnp.zeros(A), jnp.diag(jnp.exp(ls))
-            y_starts = starts / jnp.exp(ls)[None]
+            y_starts = jnp.broadcast_to(starts / jnp.exp(ls)[None], (K, A))  # one start (dataset) serves all K
         log_density_y = lambda y: log_density(centre + factor @ y)
         if args.hmc_chains == "sequential":
             y, grads, accept = hmc_chain(log_density_y, y_starts[0], jnp.ones(A), log_step, key, K, args)
@@ -722,8 +723,8 @@ def update(state: AgentState, dataset: Transitions, key: jax.Array, args: Args,
     noise = draw_noise(noise_key, args.batch_size, args.num_samples, batch.action.shape[1])
 
     def improved_samples(actor: Actor, critic: Critic, critic_extras: dict, log_step: jax.Array):
-        if args.hmc_start == "dataset":  # the official start
-            start = jnp.broadcast_to(pre_tanh(batch.action)[:, None], noise.policy.shape)
+        if args.hmc_start == "dataset":  # the official start: one point per state (B, 1, A)
+            start = pre_tanh(batch.action)[:, None]
         else:  # the best of policy and widened-policy candidates (an importance resample without the fit)
             start = chain_starts(actor, critic, batch.obs, critic_extras["u_policy"], start_key, args)
         return sample_improved_actions(actor, critic, batch.obs, start, log_step, hmc_key, args)

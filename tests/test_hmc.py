@@ -55,7 +55,7 @@ def sampler_update(adapt: bool, chains: str, dim: int, start: str = "resample", 
         start_key, chain_key = jax.random.split(key)
         u_policy = MU + SIGMA * jax.random.normal(start_key, (B, K, dim))
         if start == "dataset":
-            u = jnp.broadcast_to(u_policy[:, :1], u_policy.shape)
+            u = u_policy[:, :1]  # one start per state, as update passes the dataset action
         else:
             u = misa.chain_starts(actor, critic, obs, u_policy, jax.random.fold_in(start_key, 1), args)
         return misa.sample_improved_actions(actor, critic, obs, u, log_step, chain_key, args)
@@ -92,10 +92,12 @@ def test_adaptive_hmc_matches_the_exact_density_as_q_sharpens(chains, sharpness)
     assert 0.5 < info["hmc_step"] < 2.0  # in units of the fitted std of p, whatever its width
 
 
-def test_a_fixed_step_of_one_policy_std_freezes_at_30x():
-    """Without adaptation or the fit, in policy-std units, the sequential chain (the official layout)
-    barely moves on a sharp target: the failure the adaptation exists for."""
-    u, info = run_sampler(30.0, adapt=False, start="dataset", fit=False)
+@pytest.mark.parametrize("chains", ["sequential", "parallel"])
+def test_a_fixed_step_of_one_policy_std_freezes_at_30x(chains):
+    """Without adaptation or the fit, in policy-std units, chains started at the dataset action (the
+    official start; one point per state for all K chains) barely move on a sharp target: the failure
+    the adaptation exists for. Sequential is the official layout."""
+    u, info = run_sampler(30.0, adapt=False, chains=chains, start="dataset", fit=False)
     assert info["hmc_acceptance"] < 0.05 and info["hmc_step"] == pytest.approx(1.0)
     assert stats.kstest(u.ravel(), exact_1d(30.0).cdf).statistic > 0.3
 
@@ -300,6 +302,17 @@ def test_the_adapted_step_is_carried_into_the_next_update_and_logged():
     state, metrics = train_in_process(misa, tiny_args(misa, hmc_step_size=3.0, hmc_adapt=False, log_every=50), ds, chunks=1)
     assert float(state.hmc_log_step[0]) == pytest.approx(np.log(3.0))
     np.testing.assert_allclose(metrics["hmc_step"], 3.0, rtol=1e-5)
+
+
+def test_training_starts_the_fit_at_each_states_dataset_action_with_hmc_start_dataset():
+    """--hmc-start dataset (the official start): `update` passes one point per state, the dataset action, which
+    the fit climbs from; training runs, its chains move and their samples are finite."""
+    from conftest import bandit_dataset, tiny_misa_args as tiny_args, train_in_process
+
+    state, metrics = train_in_process(misa, tiny_args(misa, hmc_start="dataset", log_every=50), bandit_dataset(), chunks=1)
+    print({k: float(np.mean(v)) for k, v in metrics.items()})
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in metrics.values())
+    assert metrics["hmc_acceptance"] > 0.3 and metrics["hmc_stein_scale"] > 0.3
 
 
 def test_stein_scale_is_one_for_exact_samples_zero_for_a_stuck_chain_and_above_one_when_too_wide():
