@@ -10,8 +10,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"  # also reaches the scripts the tests launch
 os.environ.setdefault("WANDB_MODE", "disabled")
 # one persistent XLA cache for the session (and the scripts it launches): the many short runs here
-# compile the same programs again and again, and compiling dominates them on CPU
+# compile the same programs again and again, and compiling dominates them on CPU. One folder per pytest-xdist
+# worker: JAX writes an entry in place, without a lock, so a process of one worker could read another's entry
+# half written (and segfault on it)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"misa-jax-test-xla-cache-{os.getuid()}"))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1, ...; the folder above came from pytest's main process
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import equinox as eqx  # noqa: E402
