@@ -77,6 +77,9 @@ class Args:
     """evaluation episodes per agent, deterministic policy (default: domain preset, 10; AntMaze 100)"""
     log_every: int = 1000
     """updates between rows of train.csv (training metrics are averaged over those updates)"""
+    checkpoint_every: int | None = None
+    """updates between checkpoints besides those at every evaluation, a multiple of --log-every (for long
+    runs on machines that stop: a crash loses at most this many updates); default: at evaluations only"""
 
     # --- Logging ---
     track: bool = False
@@ -214,7 +217,8 @@ class Args:
 # ">= x", "> x" (finite), "any" (finite), or an interval such as "(0, 1]".
 RULES = {
     "num_seeds": ">= 1", "seed": ">= 0", "num_updates": ">= 1", "eval_every": ">= 1", "eval_episodes": ">= 1",
-    "log_every": ">= 1", "batch_size": ">= 1", "actor_lr": "> 0", "critic_lr": "> 0", "hidden_dim": ">= 1",
+    "log_every": ">= 1", "checkpoint_every": ">= 1",
+    "batch_size": ">= 1", "actor_lr": "> 0", "critic_lr": "> 0", "hidden_dim": ">= 1",
     "num_layers": ">= 1", "discount": "[0, 1]", "tau": "(0, 1]", "target_entropy": "any", "reward_scale": "any",
     "reward_bias": "any", "num_samples": ">= 1", "min_q_weight": ">= 0", "temperature": "> 0",
     "bc_weight": ">= 0", "unbiased_weight": ">= 0", "hmc_burnin": ">= 0", "hmc_leapfrog": ">= 1", "hmc_step_size": "> 0",
@@ -893,6 +897,7 @@ def main(args: Args) -> dict:
         run.log_train(metrics)
         if run.eval_due:
             run.log_eval(*evaluator.run(policy(state.actor)))
+        if run.checkpoint_due:
             run.checkpoint({"state": state, "keys": keys})
     evaluator.close()
     return run.finish()

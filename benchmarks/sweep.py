@@ -77,6 +77,7 @@ class Sweep:
     num_updates: int = 1_000_000
     eval_every: int = 10_000
     log_every: int = 1000
+    checkpoint_every: int | None = None  # checkpoints between evaluations too (runs longer than a machine's stay)
     common_flags: str = ""  # passed to every run (e.g. a smaller network for a CPU budget)
     smoke: bool = False  # a smoke budget: shows the pipeline runs, not performance; the report keeps it out of the main table
     diagnostic: bool = False  # measures a mechanism (e.g. the sampler), not a benchmark: its own section of the report
@@ -105,7 +106,8 @@ TABLE2 = {
 CPU_BUDGET = dict(num_seeds=5, num_updates=1000, eval_every=250, log_every=250,
                   common_flags="--hidden-dim 64 --eval-episodes 10", smoke=True)
 LEARNING_BUDGET = dict(num_seeds=3, num_updates=20_000, eval_every=1000, log_every=500)
-LONG_BUDGET = dict(num_seeds=3, num_updates=50_000, eval_every=2500, log_every=500)
+# checkpoints every 500 updates (~15 min for MISA's 3 seeds on 2 cores): a stop loses at most that
+LONG_BUDGET = dict(num_seeds=3, num_updates=50_000, eval_every=2500, log_every=500, checkpoint_every=500)
 SWEEPS = {
     "cpu-hopper": Sweep(
         "every algorithm on the five splits of ours/Hopper-v5 (this project's datasets, not D4RL), CPU budget",
@@ -207,6 +209,7 @@ def command(sw: Sweep, sweep: str, label: str, dataset: str) -> list[str]:
     return ["python", f"algorithms/{algo}.py", "--env", dataset, "--num-seeds", str(sw.num_seeds),
             "--num-updates", str(sw.num_updates), "--eval-every", str(sw.eval_every),
             "--log-every", str(sw.log_every), "--run-dir", shown(run_dir(sweep, label, dataset)),
+            *(["--checkpoint-every", str(sw.checkpoint_every)] if sw.checkpoint_every else []),
             *shlex.split(sw.common_flags), *flags]
 
 
@@ -451,7 +454,8 @@ class SweepTask:
     def checkpoint(self, label: str, dataset: str) -> submitit.helpers.DelayedSubmission:
         import submitit
 
-        # nothing to save here: the training process checkpoints at every evaluation into its run directory
+        # nothing to save here: the training process checkpoints into its run directory (at every evaluation,
+        # and every --checkpoint-every updates where the sweep sets it)
         return submitit.helpers.DelayedSubmission(self, label, dataset)
 
 

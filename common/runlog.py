@@ -10,6 +10,7 @@ progress bar and the final report, so that each algorithm's `main` is its loop:
         run.log_train(metrics)                                   # stops at the first NaN, naming it
         if run.eval_due:
             run.log_eval(*evaluator.run(policy(state.actor)))
+        if run.checkpoint_due:                                   # at every evaluation, and every --checkpoint-every
             run.checkpoint({"state": state, "keys": keys})
     return run.finish()
 
@@ -21,15 +22,17 @@ A run directory holds:
                  runs of the same command)
   eval.csv       one row per (update, seed): evaluation return and normalised score
   returns.npz    raw per-episode evaluation returns, shape (num_evals, num_seeds, episodes)
-  checkpoint.eqx the agents (all seeds stacked) and random keys at the last evaluation
+  checkpoint.eqx the agents (all seeds stacked) and random keys at the last checkpoint: every evaluation,
+                 and every --checkpoint-every updates where set
   results.json   final normalised score per seed, mean and std
   <extra>.npz    what the policy needs besides its parameters (e.g. obs_stats.npz)
   .lock          the lock that keeps one process per run directory, with its holder's PID (common/runlock.py)
 
 Crash safety. Every file is replaced whole and atomically (written aside, then renamed), so each is
-always either its previous or its next version. The checkpoint, written last at each evaluation, is
+always either its previous or its next version. The checkpoint, written last at each evaluation (and
+every --checkpoint-every updates, a multiple of --log-every, for long runs on machines that stop), is
 the commit point: `--resume` cuts train.csv, eval.csv and returns.npz back to the checkpoint's
-update, so a crash at any moment loses at most the updates since the last evaluation and leaves
+update, so a crash at any moment loses at most the updates since the last checkpoint and leaves
 logs that agree with each other. A fresh start in a directory with no checkpoint (a run killed
 before its first one) replaces that run's files.
 
@@ -78,7 +81,7 @@ RUN_FILES = ["config.json", "train.csv", "eval.csv", "returns.npz", "checkpoint.
 # settings a resume can never change: they fix which agents exist and what their logs mean
 FIXED = {"env", "seed", "num_seeds", "eval_episodes"}
 # settings that say where and how to run, not what: a resume may differ in them freely
-FREE = {"resume", "track", "run_dir", "allow_change", "wandb_project", "dataset_dir"}
+FREE = {"resume", "track", "run_dir", "allow_change", "wandb_project", "dataset_dir", "checkpoint_every"}
 FIRST_CHUNK = 10  # updates in a run's first chunk: a rate and an ETA within seconds of compiling
 
 
@@ -147,6 +150,9 @@ def check(args: Any, rules: dict[str, str], problems: list[str] = ()) -> None:
     unknown = [f for f in values.get("allow_change") or [] if f.replace("-", "_") not in values]
     if unknown:
         bad.append(f"--allow-change names no setting of this script: {', '.join(unknown)}")
+    every, log = values.get("checkpoint_every"), values.get("log_every")  # a checkpoint falls where a chunk ends,
+    if every is not None and log is not None and every >= 1 and log >= 1 and every % log:  # so a resumed run
+        bad.append(f"--checkpoint-every ({every}) must be a multiple of --log-every ({log})")  # logs the same chunks
     bad += list(problems)
     if bad:
         raise UserError("invalid arguments:\n  " + "\n  ".join(bad))
@@ -474,6 +480,7 @@ class Run:
                             "(recorded in config.json)")
         self.config["changes"] = saved.get("changes", []) + [{"field": k, "from": a, "to": b} for k, (a, b) in changed.items()]
         self.config["created"] = {k: saved.get(k) for k in ("git_commit", "command", "host")}
+        self._saved_args = saved["args"]
 
     # --- start: resume the checkpoint, or write a fresh run's files
     def start(self, like: Any) -> Any:
@@ -500,7 +507,9 @@ class Run:
             returns = np.load(self.dir / "returns.npz")
             keep = returns["updates"] <= self.update  # evaluations after the checkpoint are redone
             self.history = {"updates": [int(u) for u in returns["updates"][keep]], "returns": list(returns["returns"][keep])}
-            if self.history["updates"] and self.history["updates"][-1] != self.update:
+            saved = self._saved_args  # the settings that wrote the checkpoint: was it at an evaluation?
+            at_eval = self.update % saved["eval_every"] == 0 or self.update == saved["num_updates"]
+            if at_eval and (not self.history["updates"] or self.history["updates"][-1] != self.update):
                 raise UserError(f"{self.dir}: the checkpoint (update {self.update}) has no evaluation in returns.npz "
                                 "(a file from another run?). Start a new run.")
             print(f"resuming {self.dir} at update {self.update}")
@@ -517,7 +526,9 @@ class Run:
         self.logs = Logs(self.dir, self.config["args"], self.seeds, self.args.track, self.args.wandb_project)
         if self.args.resume:
             self.logs.truncate(self.update)
-            save_npz(self.dir / "returns.npz", **self._returns_arrays())
+        # the evaluation history so far (a fresh run's is empty): there is one for every checkpoint, even
+        # one before the first evaluation (--checkpoint-every)
+        save_npz(self.dir / "returns.npz", **self._returns_arrays())
         for name, arrays in self.extra.items():
             if not self.args.resume:
                 save_npz(self.dir / f"{name}.npz", **arrays)
@@ -589,6 +600,11 @@ class Run:
     def eval_due(self) -> bool:
         return self.update % self.args.eval_every == 0 or self.update == self.args.num_updates
 
+    @property
+    def checkpoint_due(self) -> bool:
+        every = self.args.checkpoint_every
+        return self.eval_due or (every is not None and self.update % every == 0)
+
     def log_eval(self, returns: np.ndarray, lengths: np.ndarray) -> None:
         """One evaluation ((seeds, episodes) returns and lengths): eval.csv and returns.npz."""
         self.history["updates"].append(self.update)
@@ -623,7 +639,8 @@ class Run:
             act = (f"the last good checkpoint (update {self.last_checkpoint}) is in {self.dir}. To continue from it with other settings, "
                    f"name them: --resume --run-dir {self.dir} --allow-change critic-lr --critic-lr <lower>")
         else:
-            act = (f"no checkpoint was written yet (the first is at update {self.args.eval_every}). Start again with "
+            first = min(self.args.eval_every, self.args.checkpoint_every or self.args.eval_every)
+            act = (f"no checkpoint was written yet (the first is at update {first}). Start again with "
                    "other settings (e.g. a lower learning rate or cleaner data); the same --run-dir is fine, its logs are replaced")
         raise UserError(f"{what}. Training stopped; {act}.")
 

@@ -2,12 +2,14 @@
 are the summaries' numbers."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from benchmarks import paper_scores, report, sweep
+from common import runlog
 
 
 @pytest.fixture
@@ -225,17 +227,18 @@ def test_report_user_errors_end_in_one_message(tmp_path):
 
 
 def test_every_sweep_command_parses_with_its_script():
-    """Each variant's flags are flags of its algorithm file (a renamed flag would fail here, not hours into a sweep)."""
+    """Each run's whole command line is valid for its algorithm file: its flags exist and their values pass
+    the script's checks (a renamed flag or a bad combination would fail here, not hours into a sweep)."""
     import importlib
-    import shlex
 
     import tyro
 
     for name, sw in sweep.SWEEPS.items():
-        for label, variant in sw.variants.items():
-            algo, *flags = shlex.split(variant)
-            args_type = importlib.import_module(f"algorithms.{algo}").Args
-            tyro.cli(args_type, args=flags + shlex.split(sw.common_flags))  # raises SystemExit on an unknown flag
+        for label in sw.variants:
+            _, script, *flags = sweep.command(sw, name, label, sw.datasets[0])
+            module = importlib.import_module(f"algorithms.{Path(script).stem}")
+            args = tyro.cli(module.Args, args=flags)  # raises SystemExit on an unknown flag
+            runlog.check(args, module.RULES, module.check_args(args))
 
 
 BAD_SUMMARIES = [("empty", "", "is empty"),

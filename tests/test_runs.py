@@ -65,12 +65,12 @@ class Crash(Exception):
     pass
 
 
-# The 12 writes of a 2-chunk run: config.json, obs_stats.npz, train.csv x2, eval.csv, returns.npz,
-# checkpoint.eqx (the first chunk), then train.csv, eval.csv, returns.npz, checkpoint.eqx, results.json.
-# By default a crash before each kind of write on a fresh start and after the first checkpoint (a resume);
-# all 12 with -m slow.
-WRITES = 12
-DEFAULT_CRASHES = {0, 4, 6, 9, 11}
+# The 13 writes of a 2-chunk run: config.json, returns.npz (empty), obs_stats.npz, train.csv x2, eval.csv,
+# returns.npz, checkpoint.eqx (the first chunk), then train.csv, eval.csv, returns.npz, checkpoint.eqx,
+# results.json. By default a crash before each kind of write on a fresh start and after the first
+# checkpoint (a resume); all 13 with -m slow.
+WRITES = 13
+DEFAULT_CRASHES = {0, 5, 7, 10, 12}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,32 @@ def test_a_crash_at_any_write_point_then_a_retry_gives_the_uninterrupted_run(k, 
     td3_bc.main(small(d, local, resume=(d / "checkpoint.eqx").exists()))  # what sweep.py does
     assert run_files(d) == reference, f"crash before committing write {k} ({name})"
     assert not list(d.glob("*.tmp")), f"crash at write {k} ({name}) left temporary files"
+
+
+def test_a_crash_between_evaluations_loses_only_the_updates_since_the_checkpoint_there(tiny_hopper, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """--checkpoint-every: a checkpoint between two evaluations is a commit point too. A crash after it
+    resumes there (not at the last evaluation), and the retry ends with the files of the uninterrupted run."""
+    _, local = tiny_hopper
+    flags = dict(num_updates=40, eval_every=40, log_every=10, checkpoint_every=20)  # chunks end at 10, 20, 30, 40
+    td3_bc.main(small(tmp_path / "full", local, **flags))
+    d, commits, real_replace = tmp_path / "cut", [], runlog.replace
+
+    def crashing(tmp, path):
+        if commits.count("checkpoint.eqx") == 1 and path.name == "train.csv":  # the chunk after update 20's checkpoint
+            raise Crash(path.name)
+        commits.append(path.name)
+        real_replace(tmp, path)
+
+    monkeypatch.setattr(runlog, "replace", crashing)
+    with pytest.raises(Crash):
+        td3_bc.main(small(d, local, **flags))
+    monkeypatch.setattr(runlog, "replace", real_replace)
+    assert "eval.csv" not in commits and np.load(d / "returns.npz")["updates"].size == 0  # no evaluation yet
+    capsys.readouterr()
+    td3_bc.main(small(d, local, resume=True, **flags))
+    assert f"resuming {d} at update 20" in capsys.readouterr().out
+    assert run_files(d) == run_files(tmp_path / "full")
 
 
 def test_seed_i_of_a_multi_seed_run_starts_as_the_single_seed_run(tiny_hopper, tmp_path):
@@ -172,6 +198,8 @@ FLAG_CASES = [
     (["--num-updates", "0"], "--num-updates must be at least 1"),
     (["--log-every", "0"], "--log-every must be at least 1"),
     (["--eval-every", "0"], "--eval-every must be at least 1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+    (["--checkpoint-every", "1500"], "--checkpoint-every (1500) must be a multiple of --log-every (1000)"),
     (["--eval-episodes", "0"], "--eval-episodes must be at least 1"),
     (["--policy-delay", "0"], "--policy-delay must be at least 1"),
     (["--seed", "-1"], "--seed must be at least 0"),

@@ -12,7 +12,7 @@ is found as `algorithms.<algo>` or as `<algo>` (pass `algorithm="path/to/td3_bc.
 
 What it reads from the run directory, and nothing else (it writes nothing):
   config.json     the algorithm's name (`algo`) and its resolved settings (`args`)
-  checkpoint.eqx  the agents of every seed, stacked (equinox leaves), at the run's last evaluation
+  checkpoint.eqx  the agents of every seed, stacked (equinox leaves), at the run's last checkpoint
   obs_stats.npz   the observation mean and std the offline policies were trained with
 
 The agents are rebuilt by the algorithm file itself (`Args`, the `init` of `make_train`, `act`), and
@@ -125,10 +125,12 @@ def load_agents(run_dir: str | os.PathLike, seeds: list[int] | None = None,
 
     path = run_dir / "checkpoint.eqx"
     if not path.exists():
-        every = saved.get("eval_every") or saved.get("checkpoint_every")
-        unit = "env steps" if "checkpoint_every" in saved else "updates"
-        raise LoadError(f"the {algo} run in {run_dir} has no checkpoint yet (the first is written after {every} {unit}, "
-                        "at its first evaluation): nothing to load until then")
+        if "eval_every" in saved:  # the offline scripts: at every evaluation, and every checkpoint_every if set
+            every, unit = min(saved["eval_every"], saved.get("checkpoint_every") or saved["eval_every"]), "updates"
+        else:  # sac: every checkpoint_every env steps
+            every, unit = saved["checkpoint_every"], "env steps"
+        raise LoadError(f"the {algo} run in {run_dir} has no checkpoint yet (the first is written after {every} {unit}): "
+                        "nothing to load until then")
     disk = saved_arrays(path)
 
     def like(obs_dim: int, act_dim: int) -> Any:

@@ -8,8 +8,9 @@
 The agents are rebuilt from the run's config.json and checkpoint.eqx by `tools.agent` (which needs
 only the algorithm file; `load_agent` is its Python API). Evaluation runs their deterministic policy
 through `common.evaluation`, as training does: the same envs and the same start state for each seed
-and episode, so with the run's settings the scores equal training's last evaluation. It prints the
-normalised score per seed and mean +- std, and writes the returns and episode lengths to
+and episode, so with the run's settings the scores equal training's evaluation at the checkpoint's update
+(if it has one: --checkpoint-every saves between evaluations too). It prints the normalised score per
+seed and mean +- std, and writes the returns and episode lengths to
 <run>/evaluations/update<U>_<E>ep_<time>.npz, a new file (training's files are never touched).
 
 --video renders one episode per chosen agent (episode 0, the first of training's evaluation
