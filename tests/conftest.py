@@ -9,8 +9,9 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"  # also reaches the scripts the tests launch
 os.environ.setdefault("WANDB_MODE", "disabled")
-# one persistent XLA cache for the session (and the scripts it launches): the many short runs here
-# compile the same programs again and again, and compiling dominates them on CPU. One folder per pytest-xdist
+# one persistent XLA cache for the session: this process and the scripts it launches. The many short runs
+# here compile the same programs again and again (each main() call builds and compiles its chunk anew),
+# and compiling dominates them on CPU. One folder per pytest-xdist
 # worker: JAX writes an entry in place, without a lock, so a process of one worker could read another's entry
 # half written (and segfault on it)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"misa-jax-test-xla-cache-{os.getuid()}"))
@@ -28,9 +29,6 @@ import pytest  # noqa: E402
 from common.data import Transitions, write_d4rl_hdf5  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-# The persistent cache serves the scripts this suite launches (each a fresh process); this long-lived
-# process compiles each program once anyway
-jax.config.update("jax_enable_compilation_cache", False)
 
 
 def _memory_mappings() -> tuple[int, int]:
