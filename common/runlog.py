@@ -388,10 +388,10 @@ def _disk_need(tree: Any) -> int:
 
 
 # --------------------------------------------------------------------------- the run
-def check_resumable(d: Path, algo: str, every: str, unit: str) -> dict:
+def check_resumable(d: Path, algo: str, every: tuple[str, ...], unit: str) -> dict:
     """The saved config.json of the `algo` run in `d` that --resume can continue, or a UserError that
     says why it cannot (no run there, a damaged config, another algorithm's run, no checkpoint yet).
-    `every`: the saved setting that spaces the checkpoints, in `unit`s (for the message)."""
+    `every`: the saved settings that space the checkpoints, in `unit`s (for the message)."""
     if not (d / "config.json").exists():
         what = "does not exist" if not d.exists() else "holds no run (no config.json)"
         raise UserError(f"nothing to resume: {d} {what}. Start without --resume, or point --run-dir at the run.")
@@ -407,9 +407,21 @@ def check_resumable(d: Path, algo: str, every: str, unit: str) -> dict:
     if found != algo:
         raise UserError(f"{d} holds a {found} run, not a {algo} one: resume it with algorithms/{found}.py")
     if not (d / "checkpoint.eqx").exists():
-        raise UserError(f"the run in {d} stopped before its first checkpoint (at {unit} {saved['args'].get(every)}): "
+        first = min((saved["args"][k] for k in every if saved["args"].get(k)), default="?")
+        raise UserError(f"the run in {d} stopped before its first checkpoint (at {unit} {first}): "
                         "nothing to resume. Start it again without --resume (its logs are replaced).")
     return saved
+
+
+def settings_at(saved: dict, update: int) -> dict:
+    """The settings that wrote a run's checkpoint at `update`, from its config.json (`saved`): its args,
+    less the changes made by a resume from that update. A resume writes config.json just before its
+    first checkpoint, so a crash between the two leaves the new settings beside the old checkpoint."""
+    args = dict(saved["args"])
+    for c in reversed(saved.get("changes") or []):
+        if c.get("at_update") == update:
+            args[c["field"]] = c["from"]
+    return args
 
 
 class Run:
@@ -456,7 +468,7 @@ class Run:
 
     def _check_resume(self) -> None:
         d, args = self.dir, self.args
-        saved = check_resumable(d, self.algo, "eval_every", "update")
+        saved = check_resumable(d, self.algo, ("eval_every", "checkpoint_every"), "update")
         if saved.get("data_sha256") not in (None, self.config["data_sha256"]):
             raise UserError(
                 f"the dataset {args.env} is not the one this run was trained on (sha256 {saved['data_sha256'][:12]}... "
@@ -480,7 +492,7 @@ class Run:
                             "(recorded in config.json)")
         self.config["changes"] = saved.get("changes", []) + [{"field": k, "from": a, "to": b} for k, (a, b) in changed.items()]
         self.config["created"] = {k: saved.get(k) for k in ("git_commit", "command", "host")}
-        self._saved_args = saved["args"]
+        self._saved = saved
 
     # --- start: resume the checkpoint, or write a fresh run's files
     def start(self, like: Any) -> Any:
@@ -507,11 +519,16 @@ class Run:
             returns = np.load(self.dir / "returns.npz")
             keep = returns["updates"] <= self.update  # evaluations after the checkpoint are redone
             self.history = {"updates": [int(u) for u in returns["updates"][keep]], "returns": list(returns["returns"][keep])}
-            saved = self._saved_args  # the settings that wrote the checkpoint: was it at an evaluation?
-            at_eval = self.update % saved["eval_every"] == 0 or self.update == saved["num_updates"]
-            if at_eval and (not self.history["updates"] or self.history["updates"][-1] != self.update):
+            then = settings_at(self._saved, self.update)  # was the checkpoint at an evaluation?
+            at_eval = self.update % then["eval_every"] == 0 or self.update == then["num_updates"]
+            evaluated = bool(self.history["updates"]) and self.history["updates"][-1] == self.update
+            if at_eval and not evaluated:
                 raise UserError(f"{self.dir}: the checkpoint (update {self.update}) has no evaluation in returns.npz "
                                 "(a file from another run?). Start a new run.")
+            if self.update == self.args.num_updates and not evaluated:  # a run ends with an evaluation
+                raise UserError(f"--num-updates {self.args.num_updates} ends the run in {self.dir} at its checkpoint, "
+                                "which is not at an evaluation (--checkpoint-every): a run cannot be shortened. "
+                                f"Resume with --num-updates above {self.update}, or start a new run.")
             print(f"resuming {self.dir} at update {self.update}")
         else:
             self._make_dir(tree)

@@ -129,10 +129,32 @@ def test_a_crash_between_evaluations_loses_only_the_updates_since_the_checkpoint
         td3_bc.main(small(d, local, **flags))
     monkeypatch.setattr(runlog, "replace", real_replace)
     assert "eval.csv" not in commits and np.load(d / "returns.npz")["updates"].size == 0  # no evaluation yet
+    shutil.copytree(d, tmp_path / "other")  # the same crashed run, for the resumes below
     capsys.readouterr()
     td3_bc.main(small(d, local, resume=True, **flags))
     assert f"resuming {d} at update 20" in capsys.readouterr().out
     assert run_files(d) == run_files(tmp_path / "full")
+
+    # a budget that ends the run at that checkpoint is refused (a run ends with an evaluation)
+    d = tmp_path / "other"
+    with pytest.raises(runlog.UserError, match="not at an evaluation"):
+        td3_bc.main(small(d, local, **{**flags, "num_updates": 20}, resume=True, allow_change=["num-updates"]))
+    # a resume with another --eval-every that dies writing its first checkpoint (at 30, now an evaluation), just
+    # after config.json, leaves the new settings beside the checkpoint at 20: the next resume still knows that
+    # checkpoint was not at an evaluation (with --eval-every 10 it would have been)
+    change = dict(flags, eval_every=10, resume=True, allow_change=["eval-every"])
+    monkeypatch.setattr(runlog, "replace", lambda tmp, path: crash_at(path, "checkpoint.eqx") or real_replace(tmp, path))
+    with pytest.raises(Crash):
+        td3_bc.main(small(d, local, **change))
+    monkeypatch.setattr(runlog, "replace", real_replace)
+    assert json.loads((d / "config.json").read_text())["args"]["eval_every"] == 10
+    td3_bc.main(small(d, local, **change))
+    assert np.load(d / "returns.npz")["updates"].tolist() == [30, 40]
+
+
+def crash_at(path: Path, name: str) -> None:
+    if path.name == name:
+        raise Crash(name)
 
 
 def test_seed_i_of_a_multi_seed_run_starts_as_the_single_seed_run(tiny_hopper, tmp_path):
