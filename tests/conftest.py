@@ -11,9 +11,10 @@ os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"  # also reaches the scripts the
 os.environ.setdefault("WANDB_MODE", "disabled")
 # one persistent XLA cache for the session: this process and the scripts it launches. The many short runs
 # here compile the same programs again and again (each main() call builds and compiles its chunk anew),
-# and compiling dominates them on CPU. One folder per pytest-xdist
-# worker: JAX writes an entry in place, without a lock, so a process of one worker could read another's entry
-# half written (and segfault on it)
+# and compiling dominates them on CPU. One folder per pytest-xdist worker: JAX writes an entry in place,
+# without a lock, so a process of one worker could read another's entry half written (and segfault on it).
+# Within a worker, processes that run at once (test_evaluate's fixture: five scripts, and sac in this
+# process) compile different programs, so none reads an entry another is writing.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"misa-jax-test-xla-cache-{os.getuid()}"))
 if os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1, ...; the folder above came from pytest's main process
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"])
