@@ -13,8 +13,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # here compile the same programs again and again (each main() call builds and compiles its chunk anew),
 # and compiling dominates them on CPU. One folder per pytest-xdist worker: JAX writes an entry in place,
 # without a lock, so a process of one worker could read another's entry half written (and segfault on it).
-# Within a worker, processes that run at once (test_evaluate's fixture: five scripts, and sac in this
-# process) compile different programs, so none reads an entry another is writing.
+# Processes of one worker that run at once (test_evaluate's fixture: five scripts, and sac in this process)
+# still share its folder: two that compile the same program at the same moment (the three MISA files' act)
+# could race so (not seen; JAX locks its cache only when a size limit is set).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"misa-jax-test-xla-cache-{os.getuid()}"))
 if os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1, ...; the folder above came from pytest's main process
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"])
