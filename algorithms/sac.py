@@ -488,7 +488,7 @@ def _train(args: Args, run_dir: Path) -> Path:
     if run_dir.is_dir():  # one process per run directory, locked before the checks read it
         runlock.acquire(run_dir)
     if args.resume:
-        saved = runlog.check_resumable(run_dir, "sac", ("checkpoint_every",), "env step")["args"]
+        saved = runlog.check_resumable(run_dir, "sac", "env step")["args"]
         changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(args).items()
                    if k not in ("resume", "total_steps", "track", "run_dir", "progress") and saved.get(k) != v}
         if changed:

@@ -388,10 +388,16 @@ def _disk_need(tree: Any) -> int:
 
 
 # --------------------------------------------------------------------------- the run
-def check_resumable(d: Path, algo: str, every: tuple[str, ...], unit: str) -> dict:
+def first_checkpoint(args: dict) -> int:
+    """The update (sac: env step) of a run's first checkpoint, from its settings: the offline scripts
+    checkpoint at every evaluation and every --checkpoint-every if set; sac every --checkpoint-every."""
+    return min(v for k in ("eval_every", "checkpoint_every") if (v := args.get(k)))
+
+
+def check_resumable(d: Path, algo: str, unit: str) -> dict:
     """The saved config.json of the `algo` run in `d` that --resume can continue, or a UserError that
     says why it cannot (no run there, a damaged config, another algorithm's run, no checkpoint yet).
-    `every`: the saved settings that space the checkpoints, in `unit`s (for the message)."""
+    `unit`: what the run counts its checkpoints in (for the message)."""
     if not (d / "config.json").exists():
         what = "does not exist" if not d.exists() else "holds no run (no config.json)"
         raise UserError(f"nothing to resume: {d} {what}. Start without --resume, or point --run-dir at the run.")
@@ -407,8 +413,7 @@ def check_resumable(d: Path, algo: str, every: tuple[str, ...], unit: str) -> di
     if found != algo:
         raise UserError(f"{d} holds a {found} run, not a {algo} one: resume it with algorithms/{found}.py")
     if not (d / "checkpoint.eqx").exists():
-        first = min((saved["args"][k] for k in every if saved["args"].get(k)), default="?")
-        raise UserError(f"the run in {d} stopped before its first checkpoint (at {unit} {first}): "
+        raise UserError(f"the run in {d} stopped before its first checkpoint (at {unit} {first_checkpoint(saved['args'])}): "
                         "nothing to resume. Start it again without --resume (its logs are replaced).")
     return saved
 
@@ -468,7 +473,7 @@ class Run:
 
     def _check_resume(self) -> None:
         d, args = self.dir, self.args
-        saved = check_resumable(d, self.algo, ("eval_every", "checkpoint_every"), "update")
+        saved = check_resumable(d, self.algo, "update")
         if saved.get("data_sha256") not in (None, self.config["data_sha256"]):
             raise UserError(
                 f"the dataset {args.env} is not the one this run was trained on (sha256 {saved['data_sha256'][:12]}... "
@@ -656,8 +661,7 @@ class Run:
             act = (f"the last good checkpoint (update {self.last_checkpoint}) is in {self.dir}. To continue from it with other settings, "
                    f"name them: --resume --run-dir {self.dir} --allow-change critic-lr --critic-lr <lower>")
         else:
-            first = min(self.args.eval_every, self.args.checkpoint_every or self.args.eval_every)
-            act = (f"no checkpoint was written yet (the first is at update {first}). Start again with "
+            act = (f"no checkpoint was written yet (the first is at update {first_checkpoint(vars(self.args))}). Start again with "
                    "other settings (e.g. a lower learning rate or cleaner data); the same --run-dir is fine, its logs are replaced")
         raise UserError(f"{what}. Training stopped; {act}.")
 

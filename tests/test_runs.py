@@ -130,6 +130,10 @@ def test_a_crash_between_evaluations_loses_only_the_updates_since_the_checkpoint
     monkeypatch.setattr(runlog, "replace", real_replace)
     assert "eval.csv" not in commits and np.load(d / "returns.npz")["updates"].size == 0  # no evaluation yet
     shutil.copytree(d, tmp_path / "other")  # the same crashed run, for the resumes below
+    young = Path(shutil.copytree(d, tmp_path / "young"))
+    (young / "checkpoint.eqx").unlink()  # as if it had crashed before update 20: the message names that update
+    with pytest.raises(runlog.UserError, match=r"stopped before its first checkpoint \(at update 20\)"):
+        td3_bc.main(small(young, local, resume=True, **flags))
     capsys.readouterr()
     td3_bc.main(small(d, local, resume=True, **flags))
     assert f"resuming {d} at update 20" in capsys.readouterr().out
@@ -540,7 +544,7 @@ def test_the_nan_stop_names_the_update_and_the_seed(module, at, tiny_hopper, tmp
                      "--log-every", "20", "--eval-episodes", "1", "--hidden-dim", "32", "--batch-size", "32",
                      *TINY_FLAGS[name], "--run-dir", str(tmp_path / "run")], monkeypatch, capsys, module)
     assert f"non-finite critic_loss for seed {3 + i} at update {at[i]}." in err, err
-    assert ("last good checkpoint (update 20)" if at[i] > 20 else "no checkpoint was written yet") in err
+    assert ("last good checkpoint (update 20)" if at[i] > 20 else "no checkpoint was written yet (the first is at update 20)") in err
 
 
 # --------------------------------------------------------------------------- hostile resumes (table-driven)

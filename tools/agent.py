@@ -125,11 +125,10 @@ def load_agents(run_dir: str | os.PathLike, seeds: list[int] | None = None,
 
     path = run_dir / "checkpoint.eqx"
     if not path.exists():
-        if "eval_every" in saved:  # the offline scripts: at every evaluation, and every checkpoint_every if set
-            every, unit = min(saved["eval_every"], saved.get("checkpoint_every") or saved["eval_every"]), "updates"
-        else:  # sac: every checkpoint_every env steps
-            every, unit = saved["checkpoint_every"], "env steps"
-        raise LoadError(f"the {algo} run in {run_dir} has no checkpoint yet (the first is written after {every} {unit}): "
+        # common.runlog.first_checkpoint, restated: this file imports nothing of the repository
+        first = min(v for k in ("eval_every", "checkpoint_every") if (v := saved.get(k)))
+        unit = "updates" if "eval_every" in saved else "env steps"  # sac counts env steps
+        raise LoadError(f"the {algo} run in {run_dir} has no checkpoint yet (the first is written after {first} {unit}): "
                         "nothing to load until then")
     disk = saved_arrays(path)
 
