@@ -20,6 +20,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 if os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1, ...; the folder above came from pytest's main process
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The suite compiles hundreds of small programs and runs each for a few updates: at LLVM's lowest optimisation
+# level XLA:CPU compiles them about 3x faster (a tiny MISA chunk 23 -> 8 s) and runs them about 2.5x slower,
+# which runs this short do not feel. The maths is the same; float rounding may differ from the default level's
+# in the last bits (test_suite_settings.py checks that). This process and every script it launches use it;
+# a given XLA_FLAGS replaces it (e.g. XLA_FLAGS= to test at XLA's default level).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
 
 import equinox as eqx  # noqa: E402
 import gymnasium as gym  # noqa: E402
@@ -33,14 +40,14 @@ from common.data import Transitions, write_d4rl_hdf5  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-# The test files, costliest first (seconds in a whole-suite run, 2026-12-07: runs 887, hmc 532, misa 371, evaluate
-# 278, gpu_check 249, cql 197, td3_bc 191, copy_one_file 155, then under 100 each). pytest-xdist's loadfile hands
-# whole files to its workers in collection order (pyproject: --no-loadscope-reorder), so the long ones start first and
-# the short ones fill in at the end. Its default order, most tests first, left copy_one_file (one test, 1.5-2.5
-# minutes) for last, run while the other worker sat idle. A file missing here only runs later.
-COSTLIEST_FIRST = ["test_runs", "test_hmc", "test_misa", "test_evaluate", "test_gpu_check", "test_cql", "test_td3_bc",
-                   "test_copy_one_file", "test_official_parity", "test_sac", "test_report", "test_kitchen",
-                   "test_sharding", "test_adroit", "test_antmaze", "test_slurm"]
+# The test files, costliest first (seconds in a fresh-clone run at TEST_XLA_FLAGS, 2026-12-07: runs 313, hmc 307,
+# misa 203, evaluate 142, copy_one_file 120, gpu_check 83, td3_bc 76, cql 74, then under 50 each). pytest-xdist's
+# loadfile hands whole files to its workers in collection order (pyproject: --no-loadscope-reorder), so the long
+# ones start first and the short ones fill in at the end. Its default order, most tests first, left copy_one_file
+# (one test, 1.5-2.5 minutes) for last, run while the other worker sat idle. A file missing here only runs later.
+COSTLIEST_FIRST = ["test_runs", "test_hmc", "test_misa", "test_evaluate", "test_copy_one_file", "test_gpu_check",
+                   "test_td3_bc", "test_cql", "test_official_parity", "test_suite_settings", "test_sac", "test_kitchen",
+                   "test_adroit", "test_report", "test_antmaze", "test_slurm", "test_sharding", "test_make_dataset"]
 
 
 def pytest_collection_modifyitems(items: list) -> None:
@@ -76,8 +83,11 @@ def uncached_env(**extra: str) -> dict[str, str]:
       so a writer killed or stopped mid-write leaves a truncated entry that segfaults the next reader;
     - one with a forced host device count (XLA_FLAGS=--xla_force_host_platform_device_count=N): JAX leaves
       that flag out of its cache key, so its executables would be loaded by one-device processes, which
-      segfault on them (seen: the fresh-clone suite died in test_runs after test_gpu_check had run)."""
+      segfault on them (seen: the fresh-clone suite died in test_runs after test_gpu_check had run).
+    An XLA_FLAGS in `extra` is added to the suite's."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    if "XLA_FLAGS" in extra:
+        extra["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {extra['XLA_FLAGS']}".strip()
     return {**env, "JAX_ENABLE_COMPILATION_CACHE": "false", **extra}
 
 
