@@ -388,10 +388,11 @@ def _disk_need(tree: Any) -> int:
 
 
 # --------------------------------------------------------------------------- the run
-def first_checkpoint(args: dict) -> int:
+def first_checkpoint(args: dict) -> int | None:
     """The update (sac: env step) of a run's first checkpoint, from its settings: the offline scripts
-    checkpoint at every evaluation and every --checkpoint-every if set; sac every --checkpoint-every."""
-    return min(v for k in ("eval_every", "checkpoint_every") if (v := args.get(k)))
+    checkpoint at every evaluation, every --checkpoint-every if set, and at the end; sac every
+    --checkpoint-every. None for settings that name none of these (a damaged config.json)."""
+    return min((v for k in ("eval_every", "checkpoint_every", "num_updates") if (v := args.get(k))), default=None)
 
 
 def check_resumable(d: Path, algo: str, unit: str) -> dict:
@@ -412,8 +413,12 @@ def check_resumable(d: Path, algo: str, unit: str) -> dict:
     found = saved.get("algo") or (Path(command[1]).stem if len(command) > 1 else "?")  # runs from before `algo`
     if found != algo:
         raise UserError(f"{d} holds a {found} run, not a {algo} one: resume it with algorithms/{found}.py")
+    first = first_checkpoint(saved["args"])
+    if first is None:
+        raise UserError(f"{d / 'config.json'} is damaged (it names no checkpoint interval); this run cannot be resumed: "
+                        "start a new one")
     if not (d / "checkpoint.eqx").exists():
-        raise UserError(f"the run in {d} stopped before its first checkpoint (at {unit} {first_checkpoint(saved['args'])}): "
+        raise UserError(f"the run in {d} stopped before its first checkpoint (at {unit} {first}): "
                         "nothing to resume. Start it again without --resume (its logs are replaced).")
     return saved
 

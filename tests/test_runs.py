@@ -156,6 +156,14 @@ def test_a_crash_between_evaluations_loses_only_the_updates_since_the_checkpoint
     assert np.load(d / "returns.npz")["updates"].tolist() == [30, 40]
 
 
+def test_the_first_checkpoint_is_the_earliest_of_an_evaluation_a_checkpoint_and_the_end():
+    assert runlog.first_checkpoint({"eval_every": 10000, "checkpoint_every": None, "num_updates": 5000}) == 5000
+    assert runlog.first_checkpoint({"eval_every": 40, "checkpoint_every": 20, "num_updates": 40}) == 20
+    assert runlog.first_checkpoint({"eval_every": 20, "checkpoint_every": None, "num_updates": 40}) == 20
+    assert runlog.first_checkpoint({"checkpoint_every": 5000, "total_steps": 100000}) == 5000  # sac
+    assert runlog.first_checkpoint({"seed": 0}) is None
+
+
 def crash_at(path: Path, name: str) -> None:
     if path.name == name:
         raise Crash(name)

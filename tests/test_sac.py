@@ -82,6 +82,8 @@ def test_impossible_resumes_are_one_message(tmp_path, monkeypatch, capsys):
     assert "stopped before its first checkpoint (at env step 5000)" in resume(other)
     (other / "config.json").write_text(json.dumps({"algo": "sac"}))
     assert "is damaged (it holds no run settings)" in resume(other)
+    (other / "config.json").write_text(json.dumps({"algo": "sac", "args": {"seed": 0}}))
+    assert "is damaged (it names no checkpoint interval)" in resume(other)
     assert sorted(p.name for p in other.iterdir()) == [".lock", "config.json"]  # the lock file: see common/runlock.py
 
 

@@ -126,7 +126,7 @@ def load_agents(run_dir: str | os.PathLike, seeds: list[int] | None = None,
     path = run_dir / "checkpoint.eqx"
     if not path.exists():
         # common.runlog.first_checkpoint, restated: this file imports nothing of the repository
-        first = min(v for k in ("eval_every", "checkpoint_every") if (v := saved.get(k)))
+        first = min((v for k in ("eval_every", "checkpoint_every", "num_updates") if (v := saved.get(k))), default="?")
         unit = "updates" if "eval_every" in saved else "env steps"  # sac counts env steps
         raise LoadError(f"the {algo} run in {run_dir} has no checkpoint yet (the first is written after {first} {unit}): "
                         "nothing to load until then")
