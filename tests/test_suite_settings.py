@@ -16,16 +16,20 @@ from algorithms import misa
 from conftest import TEST_XLA_FLAGS, bandit_dataset, tiny_misa_args, train_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
-CHUNK = """
+DEFAULT_LEVEL = """
 import sys
-import equinox as eqx, jax, numpy as np
+import numpy as np
 sys.path[:0] = [{root!r}, {tests!r}]
-from algorithms import misa
-from conftest import bandit_dataset, tiny_misa_args, train_in_process
-state, _ = train_in_process(misa, tiny_misa_args(misa, log_every=10, num_samples=4, batch_size=16), bandit_dataset(128),
-                            seeds=(0, 1), chunks=1)
-np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(eqx.filter(state, eqx.is_array))])
+from test_suite_settings import ten_updates
+np.savez({out!r}, *ten_updates())
 """
+
+
+def ten_updates() -> list[np.ndarray]:
+    """The arrays of two MISA agents after ten updates on a bandit dataset, in this process."""
+    state, _ = train_in_process(misa, tiny_misa_args(misa, log_every=10, num_samples=4, batch_size=16), bandit_dataset(128),
+                                seeds=(0, 1), chunks=1)
+    return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(state, eqx.is_array))]
 
 
 def test_misa_trained_at_the_default_optimisation_level_is_the_same_agent(tmp_path):
@@ -34,15 +38,12 @@ def test_misa_trained_at_the_default_optimisation_level_is_the_same_agent(tmp_pa
     if os.environ["XLA_FLAGS"] != TEST_XLA_FLAGS:
         pytest.skip(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r} given: this process is not at the suite's level")
     out = tmp_path / "default.npz"
-    code = CHUNK.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(out))
+    code = DEFAULT_LEVEL.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(out))
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}  # its conftest: this worker's cache
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "XLA_FLAGS": ""},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    here, _ = train_in_process(misa, tiny_misa_args(misa, log_every=10, num_samples=4, batch_size=16), bandit_dataset(128),
-                               seeds=(0, 1), chunks=1)
-    here = jax.tree.leaves(eqx.filter(here, eqx.is_array))
-    default = np.load(out)
+    here, default = ten_updates(), np.load(out)
     assert len(here) == len(default.files) > 0
     for i, a in enumerate(here):
         np.testing.assert_allclose(a, default[f"arr_{i}"], rtol=1e-4, atol=1e-5)
