@@ -21,11 +21,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1, ...; the folder above cam
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The suite compiles hundreds of small programs and runs each for a few updates: at LLVM's lowest optimisation
-# level XLA:CPU compiles them about 3x faster (a tiny MISA chunk 23 -> 8 s) and runs them about 2.5x slower,
-# which most of these short runs hardly feel (the longest, test_hmc's accuracy grid, takes 183 s instead of
-# 113); the whole suite takes 15 minutes instead of 19 (README, Test). The maths is the same; float rounding may differ from the default level's
-# in the last bits (test_suite_settings.py checks that on MISA). This process and every script it launches use it;
-# a given XLA_FLAGS replaces it (e.g. XLA_FLAGS= to test at XLA's default level).
+# level XLA:CPU compiles them faster and runs them slower (a tiny 2-seed MISA chunk, measured once beside other
+# work: compile 23 -> 8 s, ten updates 0.2 -> 0.6 s), which most of these short runs hardly feel (the longest,
+# test_hmc's accuracy grid, took 183 s instead of 113); the whole suite takes 15 minutes instead of 19 (README,
+# Test). The maths is the same; float rounding may differ from the default level's in the last bits
+# (test_suite_settings.py checks that on MISA). This process and every script it launches use it; a given
+# XLA_FLAGS replaces it (e.g. XLA_FLAGS= to test at XLA's default level).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
 
@@ -41,11 +42,12 @@ from common.data import Transitions, write_d4rl_hdf5  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-# The test files, costliest first (seconds in a fresh-clone run at TEST_XLA_FLAGS, 2026-12-07: runs 313, hmc 307,
-# misa 203, evaluate 142, copy_one_file 120, gpu_check 83, td3_bc 76, cql 74, then under 50 each). pytest-xdist's
-# loadfile hands whole files to its workers in collection order (pyproject: --no-loadscope-reorder), so the long
-# ones start first and the short ones fill in at the end. Its default order, most tests first, left copy_one_file
-# (one test, 1.5-2.5 minutes) for last, run while the other worker sat idle. A file missing here only runs later.
+# The test files, costliest first (seconds of each file's tests in one run of `python -m pytest -v --durations=0`
+# from an empty cache at TEST_XLA_FLAGS, 2026-12-07: runs 313, hmc 307, misa 203, evaluate 142, copy_one_file 120,
+# gpu_check 83, td3_bc 76, cql 74, then under 50 each). pytest-xdist's loadfile hands whole files to its workers
+# in collection order (pyproject: --no-loadscope-reorder), so the long ones start first and the short ones fill
+# in at the end. Its default order, most tests first, left copy_one_file (one test, 1.5-2.5 minutes) for last,
+# run while the other worker sat idle. A file missing here only runs later.
 COSTLIEST_FIRST = ["test_runs", "test_hmc", "test_misa", "test_evaluate", "test_copy_one_file", "test_gpu_check",
                    "test_td3_bc", "test_cql", "test_official_parity", "test_suite_settings", "test_sac", "test_kitchen",
                    "test_adroit", "test_report", "test_antmaze", "test_slurm", "test_sharding", "test_make_dataset"]
