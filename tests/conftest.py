@@ -1,10 +1,12 @@
 import gc
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"  # also reaches the scripts the tests launch
@@ -22,10 +24,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1, ...; the folder above cam
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The suite compiles hundreds of small programs and runs each for a few updates: at LLVM's lowest optimisation
 # level XLA:CPU compiles them faster and runs them slower (a tiny 2-seed MISA chunk, measured once beside other
-# work: compile 23 -> 8 s, ten updates 0.2 -> 0.6 s), which most of these short runs hardly feel (the longest,
-# test_hmc's accuracy grid, took 183 s instead of 113); the whole suite takes 15 minutes instead of 19 (README,
-# Test). The maths is the same; float rounding may differ from the default level's in the last bits
-# (test_suite_settings.py checks that on MISA). This process and every script it launches use it; a given
+# work: compile 23 -> 8 s, ten updates 0.2 -> 0.6 s), which most of these short runs hardly feel; the whole
+# suite takes 15 minutes instead of 19 (README, Test). The one it slowed most, test_hmc's accuracy grid, runs
+# in a process at the default level (at_default_level). The maths is the same; float rounding may differ from
+# the default level's in the last bits (test_suite_settings.py checks that on MISA). This process and every script it launches use it; a given
 # XLA_FLAGS replaces it (e.g. XLA_FLAGS= to test at XLA's default level).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
@@ -92,6 +94,40 @@ def uncached_env(**extra: str) -> dict[str, str]:
     if "XLA_FLAGS" in extra:
         extra["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {extra['XLA_FLAGS']}".strip()
     return {**env, "JAX_ENABLE_COMPILATION_CACHE": "false", **extra}
+
+
+_DEFAULT_LEVEL_CHILD = """
+import importlib, pickle, sys
+sys.path[:0] = {paths!r}
+module, name, args_file, out_file = sys.argv[1:]
+with open(args_file, "rb") as f:
+    args = pickle.load(f)
+result = getattr(importlib.import_module(module), name)(*args)
+with open(out_file, "wb") as f:
+    pickle.dump(result, f)
+"""
+
+
+def at_default_level(func: Callable, *args: Any, timeout: int = 900) -> Any:
+    """func(*args) in a process of its own at XLA's default optimisation level (this process's XLA_FLAGS
+    without TEST_XLA_FLAGS): for the few tests whose time goes into running their compiled programs rather
+    than compiling them, which the suite's level slows down (test_hmc's accuracy grid: 169 s here, 126 s
+    there, one run of each beside a training run; tests that compile as much as they run gain nothing: the
+    bandit training took 44 s here, 53 s there). func must be importable by its module and name, its
+    arguments and result picklable. The process shares this worker's compilation cache (the levels'
+    programs have different keys); its output is printed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args_file, out_file = Path(tmp) / "args.pkl", Path(tmp) / "out.pkl"
+        args_file.write_bytes(pickle.dumps(args))
+        # without the worker's name: conftest, imported there by a test module, would nest the cache folder again
+        env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "").strip()
+        code = _DEFAULT_LEVEL_CHILD.format(paths=[str(ROOT), str(ROOT / "tests")])
+        proc = subprocess.run([sys.executable, "-c", code, func.__module__, func.__qualname__, str(args_file), str(out_file)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        print(proc.stdout, end="")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return pickle.loads(out_file.read_bytes())
 
 
 def children(pid: int) -> list[tuple[int, str]]:
