@@ -27,8 +27,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # work: compile 23 -> 8 s, ten updates 0.2 -> 0.6 s), which most of these short runs hardly feel; the whole
 # suite takes 15 minutes instead of 19 (README, Test). The one it slowed most, test_hmc's accuracy grid, runs
 # in a process at the default level (at_default_level). The maths is the same; float rounding may differ from
-# the default level's in the last bits (test_suite_settings.py checks that on MISA). This process and every script it launches use it; a given
-# XLA_FLAGS replaces it (e.g. XLA_FLAGS= to test at XLA's default level).
+# the default level's in the last bits (test_suite_settings.py checks that on MISA). This process and every
+# script it launches use it; a given XLA_FLAGS replaces it (e.g. XLA_FLAGS= to test at XLA's default level).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
 
